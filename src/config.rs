@@ -1,0 +1,298 @@
+//! The daemon's configuration: read once at start from the environment (and `.env` when present,
+//! loaded by `main`), validated, then passed down. Nothing else in the crate reads the environment.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::amqp_link::FailureOutcomePolicy;
+
+/// Why the configuration cannot be used. Every message names the variable at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Env(#[from] envy::Error),
+    #[error("invalid configuration: {var}: {reason}")]
+    Invalid { var: &'static str, reason: String },
+}
+
+fn invalid(var: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        var,
+        reason: reason.into(),
+    }
+}
+
+/// Raw values as they come from the environment; field names are the variable names in
+/// lower case (envy's mapping), so renaming a field renames a public variable.
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    #[serde(default = "default_amqp_url")]
+    amqp_url: String,
+    #[serde(default = "default_http_host")]
+    http_host: String,
+    #[serde(default = "default_http_port")]
+    http_port: u16,
+    #[serde(default = "default_sqlite_path")]
+    sqlite_backup_path: PathBuf,
+    #[serde(default = "default_log_level")]
+    log_level: String,
+    #[serde(default)]
+    log_format: Option<String>,
+    #[serde(default = "default_delivery_timeout_ms")]
+    delivery_timeout_ms: u64,
+    #[serde(default = "default_shutdown_grace_ms")]
+    shutdown_grace_ms: u64,
+    #[serde(default)]
+    failure_outcome: Option<String>,
+    #[serde(default = "default_prefetch")]
+    default_prefetch: u32,
+    #[serde(default = "default_reconnect_min_ms")]
+    reconnect_min_ms: u64,
+    #[serde(default = "default_reconnect_max_ms")]
+    reconnect_max_ms: u64,
+    #[serde(default = "default_amqp_connect_timeout_ms")]
+    amqp_connect_timeout_ms: u64,
+}
+
+fn default_amqp_url() -> String {
+    "amqp://localhost:5672".into()
+}
+fn default_http_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_http_port() -> u16 {
+    8080
+}
+fn default_sqlite_path() -> PathBuf {
+    "hotpotato.sqlite".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_delivery_timeout_ms() -> u64 {
+    10_000
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+fn default_prefetch() -> u32 {
+    200
+}
+fn default_reconnect_min_ms() -> u64 {
+    500
+}
+fn default_reconnect_max_ms() -> u64 {
+    30_000
+}
+fn default_amqp_connect_timeout_ms() -> u64 {
+    10_000
+}
+
+/// The largest link credit an enrollment may ask for: credit is memory held in the daemon.
+pub const MAX_PREFETCH: u32 = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Validated configuration.
+#[derive(Clone)]
+pub struct Config {
+    /// Broker URL; may carry the SASL PLAIN user and password, so it is never printed as is
+    /// (see [`Config::amqp_url_redacted`]).
+    pub amqp_url: Url,
+    pub http_host: IpAddr,
+    pub http_port: u16,
+    /// The SQLite file that mirrors the enrollment map.
+    pub sqlite_path: PathBuf,
+    /// A `tracing_subscriber::EnvFilter` directive such as `info` or `hot_potato=debug`.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// Upper bound for one POST, connect to last body byte.
+    pub delivery_timeout: Duration,
+    /// How long in-flight POSTs may run on SIGINT/SIGTERM before their tasks are aborted.
+    pub shutdown_grace: Duration,
+    /// How a failed delivery is handed back; `auto` follows the broker's advertised outcomes.
+    pub failure_outcome: FailureOutcomePolicy,
+    /// Link credit for enrollments that do not set `subscription_args.prefetch`.
+    pub default_prefetch: u32,
+    /// Reconnect backoff bounds (exponential with jitter between them).
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Bound on TCP connect + AMQP open + attach, so a broker that accepts and stalls
+    /// cannot hang a worker.
+    pub amqp_connect_timeout: Duration,
+}
+
+impl Config {
+    /// Reads and validates the configuration from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_iter(std::env::vars())
+    }
+
+    /// Reads and validates the configuration from `(NAME, value)` pairs.
+    pub fn from_iter(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let raw: RawConfig = envy::from_iter(vars)?;
+        Self::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
+        let amqp_url = Url::parse(&raw.amqp_url)
+            .map_err(|e| invalid("AMQP_URL", format!("not a URL ({e})")))?;
+        if !matches!(amqp_url.scheme(), "amqp" | "amqps") {
+            return Err(invalid("AMQP_URL", "scheme must be amqp or amqps"));
+        }
+        if amqp_url.host_str().is_none_or(str::is_empty) {
+            return Err(invalid("AMQP_URL", "has no host"));
+        }
+        let http_host: IpAddr = raw
+            .http_host
+            .parse()
+            .map_err(|_| invalid("HTTP_HOST", "must be an IP address such as 127.0.0.1"))?;
+        if raw.sqlite_backup_path.as_os_str().is_empty() {
+            return Err(invalid("SQLITE_BACKUP_PATH", "must not be empty"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&raw.log_level).is_err() {
+            return Err(invalid(
+                "LOG_LEVEL",
+                "must be a level (error, warn, info, debug, trace) or a tracing filter directive",
+            ));
+        }
+        let log_format = match raw.log_format.as_deref().map(str::trim) {
+            None | Some("") | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(_) => return Err(invalid("LOG_FORMAT", "must be text or json")),
+        };
+        let failure_outcome = match raw.failure_outcome.as_deref().map(str::trim) {
+            None | Some("") => FailureOutcomePolicy::Auto,
+            Some(v) => v
+                .parse()
+                .map_err(|_| invalid("FAILURE_OUTCOME", "must be auto, released or modified"))?,
+        };
+        if raw.delivery_timeout_ms == 0 {
+            return Err(invalid("DELIVERY_TIMEOUT_MS", "must be greater than 0"));
+        }
+        if raw.default_prefetch == 0 || raw.default_prefetch > MAX_PREFETCH {
+            return Err(invalid(
+                "DEFAULT_PREFETCH",
+                format!("must be between 1 and {MAX_PREFETCH}"),
+            ));
+        }
+        if raw.reconnect_min_ms == 0 {
+            return Err(invalid("RECONNECT_MIN_MS", "must be greater than 0"));
+        }
+        if raw.reconnect_max_ms < raw.reconnect_min_ms {
+            return Err(invalid(
+                "RECONNECT_MAX_MS",
+                "must not be smaller than RECONNECT_MIN_MS",
+            ));
+        }
+        if raw.amqp_connect_timeout_ms == 0 {
+            return Err(invalid("AMQP_CONNECT_TIMEOUT_MS", "must be greater than 0"));
+        }
+        Ok(Config {
+            amqp_url,
+            http_host,
+            http_port: raw.http_port,
+            sqlite_path: raw.sqlite_backup_path,
+            log_level: raw.log_level,
+            log_format,
+            delivery_timeout: Duration::from_millis(raw.delivery_timeout_ms),
+            shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
+            failure_outcome,
+            default_prefetch: raw.default_prefetch,
+            reconnect_min: Duration::from_millis(raw.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(raw.reconnect_max_ms),
+            amqp_connect_timeout: Duration::from_millis(raw.amqp_connect_timeout_ms),
+        })
+    }
+
+    /// The broker URL with any password replaced, for logs.
+    pub fn amqp_url_redacted(&self) -> String {
+        redact_url(&self.amqp_url)
+    }
+}
+
+/// A URL with its password (if any) replaced by `***`.
+pub fn redact_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        // Only fails for URLs that cannot carry a password, which then have none to hide.
+        let _ = shown.set_password(Some("***"));
+    }
+    shown.to_string()
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("amqp_url", &self.amqp_url_redacted())
+            .field("http_host", &self.http_host)
+            .field("http_port", &self.http_port)
+            .field("sqlite_path", &self.sqlite_path)
+            .field("log_level", &self.log_level)
+            .field("log_format", &self.log_format)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("failure_outcome", &self.failure_outcome)
+            .field("default_prefetch", &self.default_prefetch)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("amqp_connect_timeout", &self.amqp_connect_timeout)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_iter(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let c = cfg(&[]).expect("defaults are valid");
+        assert_eq!(c.amqp_url.as_str(), "amqp://localhost:5672");
+        assert_eq!(c.http_port, 8080);
+        assert_eq!(c.sqlite_path, PathBuf::from("hotpotato.sqlite"));
+        assert_eq!(c.failure_outcome, FailureOutcomePolicy::Auto);
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        for (vars, name) in [
+            (vec![("HTTP_PORT", "eighty")], "HTTP_PORT"),
+            (vec![("AMQP_URL", "http://x")], "AMQP_URL"),
+            (vec![("AMQP_URL", "not a url")], "AMQP_URL"),
+            (vec![("HTTP_HOST", "example.com")], "HTTP_HOST"),
+            (vec![("FAILURE_OUTCOME", "rejected")], "FAILURE_OUTCOME"),
+            (vec![("DEFAULT_PREFETCH", "0")], "DEFAULT_PREFETCH"),
+            (vec![("LOG_LEVEL", "[")], "LOG_LEVEL"),
+        ] {
+            let err = cfg(&vars).expect_err("must be refused").to_string();
+            assert!(err.contains(name), "{err} should name {name}");
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_the_broker_password() {
+        let c = cfg(&[("AMQP_URL", "amqp://guest:s3cret@localhost:5672")]).expect("valid");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("guest"));
+    }
+}

@@ -1,0 +1,303 @@
+//! What an enrollment is: the stored record, its validated creation request, and the
+//! subscription arguments that shape its AMQP source. Validation lives here so that the API,
+//! the store and the worker share one definition of "valid".
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use url::Url;
+use uuid::Uuid;
+
+use crate::config::MAX_PREFETCH;
+
+/// A stored enrollment: which queue is pushed to which URL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub id: Uuid,
+    /// The AMQP source address, passed to the broker verbatim.
+    pub queue: String,
+    pub target_url: String,
+    pub subscription_args: SubscriptionArgs,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+}
+
+/// Options of the AMQP source. Absent keys are `None` so that the stored JSON and the API
+/// answer show exactly what the user asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionArgs {
+    /// Durable source terminus (`unsettled-state`, expiry `never`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable: Option<bool>,
+    /// JMS-style selector, sent as `apache.org:selector-filter:string`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Source capabilities, e.g. `["topic"]` on Artemis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
+    /// Link credit; `DEFAULT_PREFETCH` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<u32>,
+}
+
+/// A validated `POST /enroll` body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEnrollment {
+    pub queue: String,
+    pub target_url: String,
+    pub subscription_args: SubscriptionArgs,
+}
+
+/// Why a request body is not a valid enrollment. `Malformed` is a body of the wrong shape
+/// (HTTP 400); `Invalid` is a well-formed body with a value we refuse (HTTP 422).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnrollmentError {
+    #[error("{0}")]
+    Malformed(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+use EnrollmentError::{Invalid, Malformed};
+
+const SUBSCRIPTION_KEYS: [&str; 4] = ["durable", "selector", "capabilities", "prefetch"];
+const TOP_LEVEL_KEYS: [&str; 3] = ["queue", "target_url", "subscription_args"];
+
+impl NewEnrollment {
+    /// Validates a parsed JSON body. Separates type errors (400) from refused values (422)
+    /// and names the field in every message, which serde's derive cannot do.
+    pub fn from_json(body: Value) -> Result<Self, EnrollmentError> {
+        let Value::Object(mut fields) = body else {
+            return Err(Malformed("the body must be a JSON object".into()));
+        };
+        if let Some(unknown) = fields
+            .keys()
+            .find(|k| !TOP_LEVEL_KEYS.contains(&k.as_str()))
+        {
+            return Err(Invalid(format!(
+                "unknown field `{unknown}`; expected one of: {}",
+                TOP_LEVEL_KEYS.join(", ")
+            )));
+        }
+        let queue = required_string(&mut fields, "queue")?;
+        if queue.trim().is_empty() {
+            return Err(Invalid("`queue` must not be empty".into()));
+        }
+        let target_url = required_string(&mut fields, "target_url")?;
+        validate_target_url(&target_url)?;
+        let subscription_args = match fields.remove("subscription_args") {
+            None | Some(Value::Null) => SubscriptionArgs::default(),
+            Some(Value::Object(args)) => SubscriptionArgs::from_json(args)?,
+            Some(_) => {
+                return Err(Malformed(
+                    "`subscription_args` must be a JSON object".into(),
+                ));
+            }
+        };
+        Ok(Self {
+            queue,
+            target_url,
+            subscription_args,
+        })
+    }
+}
+
+fn required_string(fields: &mut Map<String, Value>, name: &str) -> Result<String, EnrollmentError> {
+    match fields.remove(name) {
+        None | Some(Value::Null) => Err(Invalid(format!("`{name}` is required"))),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(Malformed(format!("`{name}` must be a string"))),
+    }
+}
+
+fn validate_target_url(raw: &str) -> Result<(), EnrollmentError> {
+    let url =
+        Url::parse(raw).map_err(|e| Invalid(format!("`target_url` is not a valid URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(Invalid("`target_url` must be an http or https URL".into()));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(Invalid("`target_url` must name a host".into()));
+    }
+    Ok(())
+}
+
+impl SubscriptionArgs {
+    fn from_json(mut args: Map<String, Value>) -> Result<Self, EnrollmentError> {
+        if let Some(unknown) = args
+            .keys()
+            .find(|k| !SUBSCRIPTION_KEYS.contains(&k.as_str()))
+        {
+            return Err(Invalid(format!(
+                "unknown key `subscription_args.{unknown}`; understood keys: {}",
+                SUBSCRIPTION_KEYS.join(", ")
+            )));
+        }
+        let durable = match args.remove("durable") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(b),
+            Some(_) => {
+                return Err(Malformed(
+                    "`subscription_args.durable` must be a boolean".into(),
+                ));
+            }
+        };
+        let selector = match args.remove("selector") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                return Err(Invalid(
+                    "`subscription_args.selector` must not be empty".into(),
+                ));
+            }
+            Some(Value::String(s)) => Some(s),
+            Some(_) => {
+                return Err(Malformed(
+                    "`subscription_args.selector` must be a string".into(),
+                ));
+            }
+        };
+        let capabilities = match args.remove("capabilities") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) => {
+                let mut symbols = Vec::with_capacity(items.len());
+                for item in items {
+                    match item {
+                        Value::String(s) if !s.trim().is_empty() => symbols.push(s),
+                        Value::String(_) => {
+                            return Err(Invalid(
+                                "`subscription_args.capabilities` must not contain empty strings"
+                                    .into(),
+                            ));
+                        }
+                        _ => {
+                            return Err(Malformed(
+                                "`subscription_args.capabilities` must be an array of strings"
+                                    .into(),
+                            ));
+                        }
+                    }
+                }
+                Some(symbols)
+            }
+            Some(_) => {
+                return Err(Malformed(
+                    "`subscription_args.capabilities` must be an array of strings".into(),
+                ));
+            }
+        };
+        let prefetch = match args.remove("prefetch") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(p) if (1..=u64::from(MAX_PREFETCH)).contains(&p) => u32::try_from(p).ok(),
+                _ => {
+                    return Err(Invalid(format!(
+                        "`subscription_args.prefetch` must be an integer from 1 to {MAX_PREFETCH}"
+                    )));
+                }
+            },
+            Some(_) => {
+                return Err(Malformed(
+                    "`subscription_args.prefetch` must be an integer".into(),
+                ));
+            }
+        };
+        Ok(Self {
+            durable,
+            selector,
+            capabilities,
+            prefetch,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn valid_bodies_are_accepted() {
+        let e = NewEnrollment::from_json(json!({
+            "queue": "/amq/queue/orders",
+            "target_url": "http://127.0.0.1:9000/hook",
+            "subscription_args": {"durable": true, "selector": "a = 1",
+                                   "capabilities": ["topic"], "prefetch": 10}
+        }))
+        .expect("valid");
+        assert_eq!(e.queue, "/amq/queue/orders");
+        assert_eq!(e.subscription_args.prefetch, Some(10));
+        assert_eq!(e.subscription_args.durable, Some(true));
+        let bare = NewEnrollment::from_json(json!({"queue": "q", "target_url": "https://x.test"}))
+            .expect("valid");
+        assert_eq!(bare.subscription_args, SubscriptionArgs::default());
+    }
+
+    #[test]
+    fn each_bad_body_gets_its_class_and_names_its_field() {
+        let cases = [
+            (json!([1]), "object", true),
+            (json!({"target_url": "http://x"}), "queue", false),
+            (json!({"queue": 5, "target_url": "http://x"}), "queue", true),
+            (
+                json!({"queue": " ", "target_url": "http://x"}),
+                "queue",
+                false,
+            ),
+            (json!({"queue": "q"}), "target_url", false),
+            (
+                json!({"queue": "q", "target_url": "ftp://x"}),
+                "target_url",
+                false,
+            ),
+            (
+                json!({"queue": "q", "target_url": "nope"}),
+                "target_url",
+                false,
+            ),
+            (
+                json!({"queue": "q", "target_url": "http://x", "extra": 1}),
+                "extra",
+                false,
+            ),
+            (
+                json!({"queue": "q", "target_url": "http://x", "subscription_args": 3}),
+                "subscription_args",
+                true,
+            ),
+            (
+                json!({"queue": "q", "target_url": "http://x", "subscription_args": {"bogus": 1}}),
+                "bogus",
+                false,
+            ),
+            (
+                json!({"queue": "q", "target_url": "http://x", "subscription_args": {"durable": "yes"}}),
+                "durable",
+                true,
+            ),
+            (
+                json!({"queue": "q", "target_url": "http://x", "subscription_args": {"prefetch": 0}}),
+                "prefetch",
+                false,
+            ),
+            (
+                json!({"queue": "q", "target_url": "http://x", "subscription_args": {"prefetch": "1"}}),
+                "prefetch",
+                true,
+            ),
+            (
+                json!({"queue": "q", "target_url": "http://x", "subscription_args": {"capabilities": [1]}}),
+                "capabilities",
+                true,
+            ),
+            (
+                json!({"queue": "q", "target_url": "http://x", "subscription_args": {"selector": ""}}),
+                "selector",
+                false,
+            ),
+        ];
+        for (body, field, malformed) in cases {
+            let err = NewEnrollment::from_json(body.clone()).expect_err("must be refused");
+            assert!(err.to_string().contains(field), "{body}: {err}");
+            assert_eq!(matches!(err, Malformed(_)), malformed, "{body}: {err:?}");
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! hot-potato: pushes messages from an AMQP 1.0 broker to HTTP services.
+//!
+//! # Layout
+//! - [`config`]: the typed configuration, read once from the environment and validated.
+//! - [`enrollment`]: what an enrollment is and what makes a creation request valid.
+//! - [`store`]: the SQLite mirror of the enrollment map and its migrations.
+//! - [`registry`]: the in-memory enrollment map with live status; the only writer of store
+//!   and supervisor.
+//! - [`supervisor`]: owns one worker task per enrollment; restarts, stops, shuts down.
+//! - [`worker`]: one enrollment's receive → POST → settle loop with reconnects.
+//! - [`amqp_link`]: connection, session and receiver; failure outcome; settlement.
+//! - [`delivery`]: message → HTTP request mapping, the POST, and the settle decision.
+//! - [`backoff`]: capped exponential backoff with jitter.
+//! - [`api`]: the HTTP API and its error mapping.
+//! - [`demo_receiver`]: a small HTTP receiver for walkthroughs and local trials.
+
+pub mod amqp_link;
+pub mod api;
+pub mod backoff;
+pub mod config;
+pub mod delivery;
+pub mod demo_receiver;
+pub mod enrollment;
+pub mod registry;
+pub mod store;
+pub mod supervisor;
+pub mod worker;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp_link::BrokerSettings;
+use crate::backoff::BackoffSettings;
+use crate::config::Config;
+use crate::registry::Registry;
+use crate::store::{Store, StoreError};
+use crate::supervisor::Supervisor;
+use crate::worker::WorkerContext;
+
+/// Failures that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    #[error("the API server failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Runs the daemon until `shutdown` resolves: opens the store, starts a worker for every
+/// stored enrollment, serves the API on `listener`, then stops in order (API changes refused,
+/// workers drained within the grace period, links detached).
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let store = Store::open(&config.sqlite_path).await?;
+    tracing::info!(path = %store.path().display(), "enrollment store ready");
+
+    let http = reqwest::Client::builder()
+        .user_agent(concat!("hot-potato/", env!("CARGO_PKG_VERSION")))
+        .tcp_nodelay(true)
+        .build()?;
+    let ctx = WorkerContext {
+        broker: BrokerSettings {
+            url: config.amqp_url.clone(),
+            connect_timeout: config.amqp_connect_timeout,
+        },
+        http,
+        delivery_timeout: config.delivery_timeout,
+        failure_policy: config.failure_outcome,
+        default_prefetch: config.default_prefetch,
+        reconnect: BackoffSettings {
+            min: config.reconnect_min,
+            max: config.reconnect_max,
+        },
+    };
+    let token = CancellationToken::new();
+    let supervisor = Supervisor::new(ctx, token.clone());
+    let registry = Registry::load(store, supervisor.clone()).await?;
+
+    // The caller's shutdown future only flips the token; everything else watches the token.
+    let trigger = token.clone();
+    let watcher = tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested");
+        trigger.cancel();
+    });
+
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        broker = %config.amqp_url_redacted(),
+        "serving the API"
+    );
+    let app = api::router(api::AppState {
+        registry,
+        supervisor: supervisor.clone(),
+    });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(token.clone().cancelled_owned())
+        .await;
+    // Whatever ended the server, the workers are stopped the same way.
+    token.cancel();
+    supervisor.shutdown(config.shutdown_grace).await;
+    watcher.abort();
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}

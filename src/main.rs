@@ -1,0 +1,92 @@
+//! The `hot-potato` binary: reads the configuration, sets up logging, binds the API port and
+//! hands over to [`hot_potato::run`]. `hot-potato demo-receiver` runs the demo HTTP receiver.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use hot_potato::config::{Config, LogFormat};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hot-potato: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match args.first().map(String::as_str) {
+        Some("demo-receiver") => runtime.block_on(hot_potato::demo_receiver::main(&args[1..])),
+        None | Some("serve") => runtime.block_on(serve()),
+        Some(other) => Err(anyhow::anyhow!(
+            "unknown command `{other}`; usage: hot-potato [serve | demo-receiver [--port N] [--status CODE]]"
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hot-potato: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve() -> anyhow::Result<()> {
+    // A missing .env is normal; a malformed one is a configuration error.
+    match dotenvy::dotenv() {
+        Ok(_) => {}
+        Err(e) if e.not_found() => {}
+        Err(e) => anyhow::bail!("invalid configuration: cannot read .env: {e}"),
+    }
+    let config = Config::from_env()?;
+    init_tracing(&config);
+    let addr = std::net::SocketAddr::new(config.http_host, config.http_port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (HTTP_HOST/HTTP_PORT)"))?;
+    hot_potato::run(config, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn init_tracing(config: &Config) {
+    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log_format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

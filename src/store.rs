@@ -1,0 +1,279 @@
+//! The SQLite mirror of the enrollment map: schema migrations, load at start, and the
+//! create/delete writes the API commits before it answers. Every call runs on the blocking
+//! pool so the async runtime never waits on disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OpenFlags, params};
+use uuid::Uuid;
+
+use crate::enrollment::{Enrollment, SubscriptionArgs};
+
+/// Migrations in the order they are applied; the index + 1 is the recorded version.
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_create_enrollments.sql")];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot use the SQLite database at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("SQLite error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored enrollment {id} is unreadable: {reason}")]
+    Corrupt { id: String, reason: String },
+    #[error("the store's worker thread failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("the store's lock was poisoned by a panic")]
+    Poisoned,
+}
+
+/// A cloneable handle to the database. The std mutex serialises writers (SQLite allows one)
+/// and is only taken inside blocking-pool closures, never across an `.await`.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database, applies pending migrations and proves the
+    /// file is writable, so a bad path fails at start rather than on the first enrollment.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let path = path.to_path_buf();
+        let for_thread = path.clone();
+        let conn = tokio::task::spawn_blocking(move || {
+            open_blocking(&for_thread).map_err(|source| StoreError::Open {
+                path: for_thread.clone(),
+                source,
+            })
+        })
+        .await??;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn with_conn<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().map_err(|_| StoreError::Poisoned)?;
+            f(&mut guard)
+        })
+        .await?
+    }
+
+    /// Every stored enrollment, oldest first.
+    pub async fn load_all(&self) -> Result<Vec<Enrollment>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, queue, target_url, subscription_args, created_at
+                 FROM enrollments ORDER BY created_at, id",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, String>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, queue, target_url, args, created_at) = row?;
+                let parsed_id = Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt {
+                    id: id.clone(),
+                    reason: e.to_string(),
+                })?;
+                let subscription_args: SubscriptionArgs =
+                    serde_json::from_str(&args).map_err(|e| StoreError::Corrupt {
+                        id: id.clone(),
+                        reason: e.to_string(),
+                    })?;
+                out.push(Enrollment {
+                    id: parsed_id,
+                    queue,
+                    target_url,
+                    subscription_args,
+                    created_at,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Commits a new enrollment.
+    pub async fn insert(&self, enrollment: Enrollment) -> Result<(), StoreError> {
+        self.with_conn(move |conn| {
+            let args = serde_json::to_string(&enrollment.subscription_args).map_err(|e| {
+                StoreError::Corrupt {
+                    id: enrollment.id.to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
+            conn.execute(
+                "INSERT INTO enrollments (id, queue, target_url, subscription_args, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    enrollment.id.to_string(),
+                    enrollment.queue,
+                    enrollment.target_url,
+                    args,
+                    enrollment.created_at
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes an enrollment; `false` when it was not stored.
+    pub async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
+        self.with_conn(move |conn| {
+            let n = conn.execute(
+                "DELETE FROM enrollments WHERE id = ?1",
+                params![id.to_string()],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Proves the database still takes writes (used by readiness checks and tests).
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn| Ok(probe_write(conn)?)).await
+    }
+}
+
+fn open_blocking(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Reading the header here turns "file is not a database" into an error at start.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    migrate(&conn)?;
+    probe_write(&conn)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version    INTEGER PRIMARY KEY NOT NULL,
+            applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+        )",
+    )?;
+    let applied: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
+    for (index, sql) in MIGRATIONS.iter().enumerate() {
+        let version = i64::try_from(index + 1).unwrap_or(i64::MAX);
+        if version <= applied {
+            continue;
+        }
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES (?1)",
+            params![version],
+        )?;
+        tx.commit()?;
+        tracing::info!(version, "applied database migration");
+    }
+    Ok(())
+}
+
+/// A real write inside a transaction that is rolled back: fails on read-only files and
+/// full disks without leaving anything behind.
+fn probe_write(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute(
+        "INSERT OR REPLACE INTO schema_migrations (version, applied_at) VALUES (-1, 'probe')",
+        [],
+    )?;
+    tx.rollback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(queue: &str) -> Enrollment {
+        Enrollment {
+            id: Uuid::new_v4(),
+            queue: queue.into(),
+            target_url: "http://127.0.0.1:1/x".into(),
+            subscription_args: SubscriptionArgs {
+                durable: Some(true),
+                ..Default::default()
+            },
+            created_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn enrollments_survive_reopening_and_migrations_run_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sqlite");
+        let store = Store::open(&path).await.expect("open");
+        let a = sample("a");
+        store.insert(a.clone()).await.expect("insert");
+        store.insert(sample("b")).await.expect("insert");
+        drop(store);
+        let store = Store::open(&path).await.expect("reopen");
+        let all = store.load_all().await.expect("load");
+        assert_eq!(all.len(), 2);
+        assert!(all.contains(&a));
+        assert!(store.delete(a.id).await.expect("delete"));
+        assert!(!store.delete(a.id).await.expect("delete again"));
+        assert_eq!(store.load_all().await.expect("load").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_same_queue_and_target_cannot_be_stored_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("s.sqlite"))
+            .await
+            .expect("open");
+        store.insert(sample("a")).await.expect("insert");
+        assert!(store.insert(sample("a")).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn bad_paths_fail_with_the_path_in_the_message() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let garbage = dir.path().join("garbage.sqlite");
+        std::fs::write(&garbage, vec![b'x'; 4096]).expect("write");
+        let missing_dir = dir.path().join("no/such/dir/s.sqlite");
+        for path in [garbage, missing_dir, dir.path().to_path_buf()] {
+            let err = Store::open(&path)
+                .await
+                .err()
+                .expect("must fail")
+                .to_string();
+            assert!(err.contains(&path.display().to_string()), "{err}");
+        }
+    }
+}
