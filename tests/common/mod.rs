@@ -374,6 +374,7 @@ impl Daemon {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let mut env = daemon_env(db, port);
+        env.retain(|(k, _)| !extra.iter().any(|(name, _)| name == k));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = Config::from_iter(env).expect("valid config");
         let (tx, rx) = oneshot::channel::<()>();
