@@ -28,35 +28,98 @@ async fn bad_requests_are_refused_and_change_nothing() {
     let cases: Vec<(Option<&str>, Vec<u8>, u16, &str)> = vec![
         (json_ct, b"{not json".to_vec(), 400, "JSON"),
         (json_ct, b"[1,2]".to_vec(), 400, "object"),
-        (json_ct, br#"{"queue": 1, "target_url": "http://x"}"#.to_vec(), 400, "queue"),
-        (json_ct, br#"{"queue": "q", "target_url": ["http://x"]}"#.to_vec(), 400, "target_url"),
-        (json_ct, br#"{"queue": "q", "target_url": "http://x", "subscription_args": {"durable": "yes"}}"#.to_vec(), 400, "durable"),
-        (json_ct, br#"{"target_url": "http://x"}"#.to_vec(), 422, "queue"),
+        (
+            json_ct,
+            br#"{"queue": 1, "target_url": "http://x"}"#.to_vec(),
+            400,
+            "queue",
+        ),
+        (
+            json_ct,
+            br#"{"queue": "q", "target_url": ["http://x"]}"#.to_vec(),
+            400,
+            "target_url",
+        ),
+        (
+            json_ct,
+            br#"{"queue": "q", "target_url": "http://x", "subscription_args": {"durable": "yes"}}"#
+                .to_vec(),
+            400,
+            "durable",
+        ),
+        (
+            json_ct,
+            br#"{"target_url": "http://x"}"#.to_vec(),
+            422,
+            "queue",
+        ),
         (json_ct, br#"{"queue": "q"}"#.to_vec(), 422, "target_url"),
-        (json_ct, br#"{"queue": "", "target_url": "http://x"}"#.to_vec(), 422, "queue"),
-        (json_ct, br#"{"queue": "q", "target_url": "ftp://x/y"}"#.to_vec(), 422, "target_url"),
-        (json_ct, br#"{"queue": "q", "target_url": "not a url"}"#.to_vec(), 422, "target_url"),
-        (json_ct, br#"{"queue": "q", "target_url": "http://x", "subscription_args": {"colour": "red"}}"#.to_vec(), 422, "colour"),
-        (json_ct, br#"{"queue": "q", "target_url": "http://x", "subscription_args": {"prefetch": 0}}"#.to_vec(), 422, "prefetch"),
-        (Some("text/plain"), good.to_string().into_bytes(), 415, "Content-Type"),
+        (
+            json_ct,
+            br#"{"queue": "", "target_url": "http://x"}"#.to_vec(),
+            422,
+            "queue",
+        ),
+        (
+            json_ct,
+            br#"{"queue": "q", "target_url": "ftp://x/y"}"#.to_vec(),
+            422,
+            "target_url",
+        ),
+        (
+            json_ct,
+            br#"{"queue": "q", "target_url": "not a url"}"#.to_vec(),
+            422,
+            "target_url",
+        ),
+        (
+            json_ct,
+            br#"{"queue": "q", "target_url": "http://x", "subscription_args": {"colour": "red"}}"#
+                .to_vec(),
+            422,
+            "colour",
+        ),
+        (
+            json_ct,
+            br#"{"queue": "q", "target_url": "http://x", "subscription_args": {"prefetch": 0}}"#
+                .to_vec(),
+            422,
+            "prefetch",
+        ),
+        (
+            Some("text/plain"),
+            good.to_string().into_bytes(),
+            415,
+            "Content-Type",
+        ),
         (None, good.to_string().into_bytes(), 415, "Content-Type"),
-        (json_ct, {
-            let mut big = br#"{"queue": "q", "target_url": "http://x", "pad": ""#.to_vec();
-            big.extend(std::iter::repeat_n(b'a', 70 * 1024));
-            big.extend(br#""}"#);
-            big
-        }, 413, "larger"),
+        (
+            json_ct,
+            {
+                let mut big = br#"{"queue": "q", "target_url": "http://x", "pad": ""#.to_vec();
+                big.extend(std::iter::repeat_n(b'a', 70 * 1024));
+                big.extend(br#""}"#);
+                big
+            },
+            413,
+            "larger",
+        ),
     ];
     for (ct, body, want, mention) in cases {
         let shown = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
         let (status, answer) = raw_post(api, ct, body).await;
         assert_eq!(status, want, "{shown} -> {answer}");
         let error = answer["error"].as_str().unwrap_or_default();
-        assert!(error.contains(mention), "{shown}: error {error:?} should mention {mention}");
+        assert!(
+            error.contains(mention),
+            "{shown}: error {error:?} should mention {mention}"
+        );
     }
     let (status, answer) = api.get("/enrollments/not-a-uuid").await;
     assert_eq!((status, answer["error"].is_string()), (404, true));
-    let (status, _) = api.get(&format!("/enrollments/{}", uuid::Uuid::new_v4())).await;
+    let (status, _) = api
+        .get(&format!("/enrollments/{}", uuid::Uuid::new_v4()))
+        .await;
     assert_eq!(status, 404);
     assert_eq!(api.delete(&uuid::Uuid::new_v4().to_string()).await, 404);
     assert_eq!(api.delete("nope").await, 404);
@@ -68,13 +131,30 @@ async fn bad_requests_are_refused_and_change_nothing() {
     assert_eq!(list, json!([]));
     let (status, created) = raw_post(api, json_ct, good.to_string().into_bytes()).await;
     assert_eq!(status, 201, "{created}");
-    let (status, again) = raw_post(api, Some("application/json; charset=utf-8"), good.to_string().into_bytes()).await;
+    let (status, again) = raw_post(
+        api,
+        Some("application/json; charset=utf-8"),
+        good.to_string().into_bytes(),
+    )
+    .await;
     assert_eq!(status, 200, "same queue and target again");
     assert_eq!(again["id"], created["id"]);
     let (_, list) = api.get("/enrollments").await;
     assert_eq!(list.as_array().map(Vec::len), Some(1));
-    for field in ["id", "queue", "target_url", "subscription_args", "created_at", "state", "delivered", "failed"] {
-        assert!(created.get(field).is_some(), "enrollment JSON has {field}: {created}");
+    for field in [
+        "id",
+        "queue",
+        "target_url",
+        "subscription_args",
+        "created_at",
+        "state",
+        "delivered",
+        "failed",
+    ] {
+        assert!(
+            created.get(field).is_some(),
+            "enrollment JSON has {field}: {created}"
+        );
     }
     let (status, health) = api.get("/health").await;
     assert_eq!(status, 200);
@@ -109,9 +189,11 @@ async fn enrollments_survive_a_restart_on_the_same_file() {
     assert_eq!(back["target_url"], created["target_url"]);
     assert_eq!(back["subscription_args"], json!({"prefetch": 5}));
     assert_eq!(back["created_at"], created["created_at"]);
-    wait_for("delivery after restart", Duration::from_secs(30), || async {
-        (target.accepted_bodies().len() == 10).then_some(())
-    })
+    wait_for(
+        "delivery after restart",
+        Duration::from_secs(30),
+        || async { (target.accepted_bodies().len() == 10).then_some(()) },
+    )
     .await;
     mgmt.wait_depth(&queue, 0, Duration::from_secs(20)).await;
     publisher.close().await;
@@ -138,9 +220,18 @@ async fn a_failed_store_write_answers_503_and_keeps_map_and_disk_in_step() {
         .expect("API reachable");
     assert_eq!(res.status().as_u16(), 503);
     let answer: Value = res.json().await.expect("json");
-    assert!(answer["error"].as_str().is_some_and(|e| e.contains("store")), "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("store")),
+        "{answer}"
+    );
     let (_, list) = daemon.api.get("/enrollments").await;
-    assert_eq!(list, json!([]), "the map did not take the failed enrollment");
+    assert_eq!(
+        list,
+        json!([]),
+        "the map did not take the failed enrollment"
+    );
     locker.execute_batch("ROLLBACK").expect("unlock");
     let rows: i64 = locker
         .query_row("SELECT COUNT(*) FROM enrollments", [], |r| r.get(0))
@@ -179,9 +270,15 @@ async fn the_daemon_serves_while_the_broker_is_unreachable() {
         .api
         .wait_state(&id, "backoff", Duration::from_secs(10))
         .await;
-    assert!(e["last_error"].as_str().is_some_and(|s| !s.is_empty()), "{e}");
+    assert!(
+        e["last_error"].as_str().is_some_and(|s| !s.is_empty()),
+        "{e}"
+    );
     let (_, list) = daemon.api.get("/enrollments").await;
-    assert!(!list.to_string().contains("topsecret"), "no password in answers");
+    assert!(
+        !list.to_string().contains("topsecret"),
+        "no password in answers"
+    );
     daemon.stop().await;
 }
 
@@ -239,8 +336,14 @@ fn bad_configuration_exits_non_zero_naming_the_problem() {
         (vec![("AMQP_URL", "http://localhost:5672")], "AMQP_URL"),
         (vec![("FAILURE_OUTCOME", "sometimes")], "FAILURE_OUTCOME"),
         (vec![("DELIVERY_TIMEOUT_MS", "-1")], "DELIVERY_TIMEOUT_MS"),
-        (vec![("HTTP_PORT", &port), ("SQLITE_BACKUP_PATH", &garbage)], &garbage),
-        (vec![("HTTP_PORT", &port), ("SQLITE_BACKUP_PATH", &a_dir)], &a_dir),
+        (
+            vec![("HTTP_PORT", &port), ("SQLITE_BACKUP_PATH", &garbage)],
+            &garbage,
+        ),
+        (
+            vec![("HTTP_PORT", &port), ("SQLITE_BACKUP_PATH", &a_dir)],
+            &a_dir,
+        ),
     ];
     for (env, mention) in cases {
         let out = run_binary(&env);

@@ -46,7 +46,10 @@ async fn thousand_messages_arrive_once_each_in_order() {
     let e = daemon.api.enrollment(&id).await;
     assert_eq!(e["delivered"], 1000);
     assert_eq!(e["failed"], 0);
-    assert_eq!(e["failure_outcome"], "released", "RabbitMQ 3.x advertises no modified");
+    assert_eq!(
+        e["failure_outcome"], "released",
+        "RabbitMQ 3.x advertises no modified"
+    );
     publisher.close().await;
     daemon.stop().await;
     mgmt.delete_queue(&queue).await;
@@ -80,11 +83,7 @@ async fn failing_target_sends_the_message_to_the_dead_letter_queue_after_the_lim
     let e = daemon.api.enrollment(&id).await;
     assert_eq!(e["failed"], limit + 1);
     assert_eq!(e["delivered"], 0);
-    assert!(
-        e["last_error"]
-            .as_str()
-            .is_some_and(|s| s.contains("503"))
-    );
+    assert!(e["last_error"].as_str().is_some_and(|s| s.contains("503")));
     publisher.close().await;
     daemon.stop().await;
     mgmt.delete_queue(&queue).await;
@@ -166,9 +165,11 @@ async fn delete_stops_one_enrollment_and_leaves_the_others_flowing() {
 
     gone_pub.send_numbered("g-after", 0..10).await;
     kept_pub.send_numbered("k", 0..10).await;
-    wait_for("the kept enrollment to flow", Duration::from_secs(20), || async {
-        (kept_target.count() == 10).then_some(())
-    })
+    wait_for(
+        "the kept enrollment to flow",
+        Duration::from_secs(20),
+        || async { (kept_target.count() == 10).then_some(()) },
+    )
     .await;
     // The deleted enrollment's messages stay in the broker, untouched.
     mgmt.wait_depth(&gone_q, 10, Duration::from_secs(10)).await;
@@ -215,18 +216,26 @@ async fn delete_hands_back_the_message_in_flight() {
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("held", 0..1).await;
     // The message is in hand (unacknowledged) while the POST hangs.
-    wait_for("the message to be in flight", Duration::from_secs(10), || async {
-        let info = mgmt.queue_info(&queue).await?;
-        (info["messages_unacknowledged"].as_u64() == Some(1)).then_some(())
-    })
+    wait_for(
+        "the message to be in flight",
+        Duration::from_secs(10),
+        || async {
+            let info = mgmt.queue_info(&queue).await?;
+            (info["messages_unacknowledged"].as_u64() == Some(1)).then_some(())
+        },
+    )
     .await;
     let started = Instant::now();
     assert_eq!(daemon.api.delete(&id).await, 204);
     assert!(started.elapsed() < Duration::from_secs(3));
-    wait_for("the message to be ready again", Duration::from_secs(10), || async {
-        let info = mgmt.queue_info(&queue).await?;
-        (info["messages_ready"].as_u64() == Some(1)).then_some(())
-    })
+    wait_for(
+        "the message to be ready again",
+        Duration::from_secs(10),
+        || async {
+            let info = mgmt.queue_info(&queue).await?;
+            (info["messages_ready"].as_u64() == Some(1)).then_some(())
+        },
+    )
     .await;
     accepted.abort();
     publisher.close().await;

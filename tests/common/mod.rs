@@ -42,7 +42,10 @@ pub fn init_logs() {
 
 /// A queue name no other test uses.
 pub fn unique(name: &str) -> String {
-    format!("hp-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "hp-{name}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 /// RabbitMQ 3.x address of an existing queue.
@@ -61,7 +64,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -96,7 +102,11 @@ impl Management {
             .send()
             .await
             .expect("management API reachable");
-        assert!(res.status().is_success(), "declare {name}: {}", res.status());
+        assert!(
+            res.status().is_success(),
+            "declare {name}: {}",
+            res.status()
+        );
     }
 
     pub async fn declare_classic(&self, name: &str) {
@@ -193,7 +203,9 @@ impl Publisher {
 
     pub async fn send<T: SerializableBody>(&mut self, message: Message<T>) {
         let outcome = self.sender.send(message).await.expect("send");
-        outcome.accepted_or("not accepted").expect("accepted by the broker");
+        outcome
+            .accepted_or("not accepted")
+            .expect("accepted by the broker");
     }
 
     /// Sends `"prefix-0"`, `"prefix-1"`… as AmqpValue strings, pipelined in batches.
@@ -208,12 +220,18 @@ impl Publisher {
             pending.push(fut);
             if pending.len() >= 200 {
                 for f in pending.drain(..) {
-                    f.await.expect("outcome").accepted_or("not accepted").expect("accepted");
+                    f.await
+                        .expect("outcome")
+                        .accepted_or("not accepted")
+                        .expect("accepted");
                 }
             }
         }
         for f in pending {
-            f.await.expect("outcome").accepted_or("not accepted").expect("accepted");
+            f.await
+                .expect("outcome")
+                .accepted_or("not accepted")
+                .expect("accepted");
         }
     }
 
@@ -273,7 +291,9 @@ impl Target {
 
     fn serve(&mut self, listener: TcpListener) {
         let (tx, rx) = oneshot::channel();
-        let app = Router::new().fallback(record).with_state(self.state.clone());
+        let app = Router::new()
+            .fallback(record)
+            .with_state(self.state.clone());
         let handle = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async {
@@ -319,9 +339,11 @@ impl Target {
 
     /// Listens again on the same port.
     pub async fn restart(&mut self) {
-        let listener = wait_for("the target port to be free", Duration::from_secs(10), || async {
-            TcpListener::bind(self.addr).await.ok()
-        })
+        let listener = wait_for(
+            "the target port to be free",
+            Duration::from_secs(10),
+            || async { TcpListener::bind(self.addr).await.ok() },
+        )
         .await;
         self.serve(listener);
     }
@@ -376,7 +398,7 @@ impl Daemon {
         let mut env = daemon_env(db, port);
         env.retain(|(k, _)| !extra.iter().any(|(name, _)| name == k));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let config = Config::from_iter(env).expect("valid config");
+        let config = Config::from_vars(env).expect("valid config");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(hot_potato::run(config, listener, async move {
             let _ = rx.await;
@@ -431,7 +453,10 @@ impl Api {
             .expect("API reachable");
         let status = res.status().as_u16();
         let json: Value = res.json().await.expect("JSON answer");
-        assert!(status == 201 || status == 200, "enroll answered {status}: {json}");
+        assert!(
+            status == 201 || status == 200,
+            "enroll answered {status}: {json}"
+        );
         json
     }
 
