@@ -27,8 +27,9 @@ die() {
     exit 1
 }
 
-# AMQP_URL from the environment, else the last AMQP_URL= line of .env (quotes and an
-# unquoted trailing " # comment" removed), else the default. .env is parsed, never sourced.
+# AMQP_URL from the environment, else the first AMQP_URL= line of .env (the one the daemon
+# uses; quotes and an unquoted trailing " # comment" removed), else the default. .env is parsed,
+# never sourced.
 read_amqp_url() {
     if [[ -n "${AMQP_URL:-}" ]]; then
         printf '%s' "$AMQP_URL"
@@ -36,7 +37,7 @@ read_amqp_url() {
     fi
     local env_file="$ROOT/.env" line value
     if [[ -f "$env_file" ]]; then
-        line="$(grep -E '^[[:space:]]*(export[[:space:]]+)?AMQP_URL[[:space:]]*=' "$env_file" | tail -n 1 || true)"
+        line="$(grep -E '^[[:space:]]*(export[[:space:]]+)?AMQP_URL[[:space:]]*=' "$env_file" | head -n 1 || true)"
         if [[ -n "$line" ]]; then
             value="${line#*=}"
             value="${value#"${value%%[![:space:]]*}"}"

@@ -6,6 +6,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# rabbitmqctl (used by the broker-restart test) lives in /usr/sbin on Debian.
+export PATH="${PATH}:/usr/sbin:/sbin"
 
 step() { printf '\n==> %s\n' "$*"; }
 

@@ -18,6 +18,7 @@ use fe2o3_amqp::types::messaging::{
 use fe2o3_amqp::types::primitives::{Symbol, Value};
 use fe2o3_amqp::{Connection, Delivery, Receiver, Session};
 use fe2o3_amqp_ext::filters::SelectorFilter;
+use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use url::Url;
@@ -169,6 +170,19 @@ fn build_source(queue: &str, args: &SubscriptionArgs) -> Source {
     source.build()
 }
 
+/// SASL PLAIN from the URL's user info, percent-decoded: Service Bus keys end in `=`, which
+/// a URL carries as `%3D`.
+fn sasl_plain(url: &Url) -> Option<SaslProfile> {
+    if url.username().is_empty() {
+        return None;
+    }
+    let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
+    Some(SaslProfile::Plain {
+        username: decode(url.username()),
+        password: decode(url.password().unwrap_or("")),
+    })
+}
+
 impl AmqpLink {
     /// Opens a connection, a session and a receiver for `enrollment`, bounded in time.
     pub async fn open(
@@ -206,8 +220,11 @@ impl AmqpLink {
             .scheme(url.scheme())
             .hostname(host)
             .domain(url.domain())
+            // amqps listeners (5671 on RabbitMQ, Artemis, Service Bus) expect TLS at once, not
+            // the AMQP TLS protocol header first.
+            .alt_tls_establishment(true)
             .idle_time_out(30_000u32);
-        if let Ok(profile) = SaslProfile::try_from(url) {
+        if let Some(profile) = sasl_plain(url) {
             builder = builder.sasl_profile(profile);
         }
         let mut connection = builder.open_with_stream(stream).await?;

@@ -45,6 +45,8 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("{0}")]
     NotFound(String),
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
     #[error("the daemon is shutting down")]
     ShuttingDown,
     #[error("the enrollment store is unavailable")]
@@ -59,6 +61,7 @@ impl ApiError {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::ShuttingDown | Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -91,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .route("/enrollments", get(list))
         .route("/enrollments/{id}", get(show))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -188,6 +192,10 @@ async fn show(
     let id = parse_id(&raw)?;
     let entry = state.registry.get(id).ok_or_else(|| no_enrollment(&raw))?;
     Ok(Json(entry.view()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 async fn not_found() -> ApiError {

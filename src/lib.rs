@@ -64,6 +64,9 @@ pub async fn run(
     let http = reqwest::Client::builder()
         .user_agent(concat!("hot-potato/", env!("CARGO_PKG_VERSION")))
         .tcp_nodelay(true)
+        // A redirect would turn the POST into a GET without the body and could still end in a
+        // 2xx; a 3xx is an answer like any other non-2xx.
+        .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let ctx = WorkerContext {
         broker: BrokerSettings {
