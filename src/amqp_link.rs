@@ -12,6 +12,7 @@ use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::definitions;
 use fe2o3_amqp::types::messaging::{
     Body, FilterSet, Modified, Source, TerminusDurability, TerminusExpiryPolicy,
 };
@@ -108,6 +109,10 @@ pub enum LinkError {
     Recv(#[from] fe2o3_amqp::link::RecvError),
     #[error("settling a delivery failed: {0}")]
     Settle(#[from] fe2o3_amqp::link::DispositionError),
+    #[error("changing link credit failed: {0}")]
+    Credit(String),
+    #[error("a delivery task failed: {0}")]
+    Task(String),
     #[error("the broker URL has no usable host")]
     BadUrl,
 }
@@ -128,11 +133,13 @@ pub struct AmqpLink {
 }
 
 /// What to do with one delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settlement {
     Accept,
     /// The POST failed: the link's failure outcome.
     Fail,
+    /// The target's answer is in `reject_on`: `rejected`, which dead-letters at once.
+    Reject(String),
     /// Not tried or not the message's fault (enrollment deleted mid-POST): a plain release,
     /// which no broker counts as a failed attempt.
     HandBack,
@@ -265,6 +272,14 @@ impl AmqpLink {
         })
     }
 
+    /// Sets the link credit: 0 stops the broker sending while the breaker is open.
+    pub async fn set_credit(&mut self, credit: u32) -> Result<(), LinkError> {
+        self.receiver
+            .set_credit(credit)
+            .await
+            .map_err(|e| LinkError::Credit(e.to_string()))
+    }
+
     pub fn failure_outcome(&self) -> FailureOutcome {
         self.failure_outcome
     }
@@ -282,6 +297,14 @@ impl AmqpLink {
     ) -> Result<(), LinkError> {
         match (settlement, self.failure_outcome) {
             (Settlement::Accept, _) => self.receiver.accept(delivery).await?,
+            (Settlement::Reject(reason), _) => {
+                let error = definitions::Error::new(
+                    definitions::AmqpError::NotAllowed,
+                    Some(format!("hot-potato: {reason}")),
+                    None,
+                );
+                self.receiver.reject(delivery, error).await?
+            }
             (Settlement::HandBack, _) | (Settlement::Fail, FailureOutcome::Released) => {
                 self.receiver.release(delivery).await?
             }

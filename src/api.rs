@@ -145,6 +145,10 @@ async fn enroll(
     let value: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
     let new = NewEnrollment::from_json(value)?;
+    state
+        .registry
+        .check_target(&new.target_url)
+        .map_err(ApiError::Unprocessable)?;
     let (created, entry) = state.registry.create(new).await?;
     let status = match created {
         Created::New => StatusCode::CREATED,

@@ -9,7 +9,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+use crate::allowlist::TargetAllowlist;
 use crate::amqp_link::FailureOutcomePolicy;
+use crate::policy::{BackoffKind, DeliveryDefaults, MAX_ATTEMPTS, MAX_IN_FLIGHT, RetryPolicy};
 
 /// Why the configuration cannot be used. Every message names the variable at fault.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,24 @@ struct RawConfig {
     reconnect_max_ms: u64,
     #[serde(default = "default_amqp_connect_timeout_ms")]
     amqp_connect_timeout_ms: u64,
+    #[serde(default = "default_max_in_flight")]
+    delivery_max_in_flight: u32,
+    #[serde(default = "default_retry_max_attempts")]
+    retry_max_attempts: u32,
+    #[serde(default)]
+    retry_backoff: Option<String>,
+    #[serde(default = "default_retry_base_ms")]
+    retry_base_ms: u64,
+    #[serde(default = "default_retry_max_ms")]
+    retry_max_ms: u64,
+    #[serde(default = "default_true")]
+    retry_jitter: bool,
+    #[serde(default = "default_breaker_failure_threshold")]
+    breaker_failure_threshold: u32,
+    #[serde(default = "default_breaker_open_ms")]
+    breaker_open_ms: u64,
+    #[serde(default)]
+    target_allowlist: Option<String>,
 }
 
 fn default_amqp_url() -> String {
@@ -91,6 +111,28 @@ fn default_reconnect_max_ms() -> u64 {
 }
 fn default_amqp_connect_timeout_ms() -> u64 {
     10_000
+}
+
+fn default_max_in_flight() -> u32 {
+    1
+}
+fn default_retry_max_attempts() -> u32 {
+    5
+}
+fn default_retry_base_ms() -> u64 {
+    1_000
+}
+fn default_retry_max_ms() -> u64 {
+    30_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_breaker_failure_threshold() -> u32 {
+    5
+}
+fn default_breaker_open_ms() -> u64 {
+    5_000
 }
 
 /// The largest link credit an enrollment may ask for: credit is memory held in the daemon.
@@ -132,6 +174,10 @@ pub struct Config {
     /// Bound on TCP connect + AMQP open + attach, so a broker that accepts and stalls
     /// cannot hang a worker.
     pub amqp_connect_timeout: Duration,
+    /// What an enrollment's `delivery` settings fall back to.
+    pub delivery_defaults: DeliveryDefaults,
+    /// `TARGET_ALLOWLIST`; empty admits every target outside the guarded ranges.
+    pub target_allowlist: TargetAllowlist,
 }
 
 impl Config {
@@ -202,6 +248,52 @@ impl Config {
         if raw.amqp_connect_timeout_ms == 0 {
             return Err(invalid("AMQP_CONNECT_TIMEOUT_MS", "must be greater than 0"));
         }
+        if !(1..=MAX_IN_FLIGHT).contains(&raw.delivery_max_in_flight) {
+            return Err(invalid(
+                "DELIVERY_MAX_IN_FLIGHT",
+                format!("must be from 1 to {MAX_IN_FLIGHT}"),
+            ));
+        }
+        if !(1..=MAX_ATTEMPTS).contains(&raw.retry_max_attempts) {
+            return Err(invalid(
+                "RETRY_MAX_ATTEMPTS",
+                format!("must be from 1 to {MAX_ATTEMPTS}"),
+            ));
+        }
+        let retry_backoff = match raw.retry_backoff.as_deref().map(str::trim) {
+            None | Some("") => BackoffKind::Exponential,
+            Some(v) => v
+                .parse()
+                .map_err(|_| invalid("RETRY_BACKOFF", "must be fixed, linear or exponential"))?,
+        };
+        if raw.retry_base_ms == 0 {
+            return Err(invalid("RETRY_BASE_MS", "must be greater than 0"));
+        }
+        if raw.retry_max_ms < raw.retry_base_ms {
+            return Err(invalid(
+                "RETRY_MAX_MS",
+                "must not be smaller than RETRY_BASE_MS",
+            ));
+        }
+        if raw.breaker_open_ms == 0 {
+            return Err(invalid("BREAKER_OPEN_MS", "must be greater than 0"));
+        }
+        let target_allowlist =
+            TargetAllowlist::parse(raw.target_allowlist.as_deref().unwrap_or(""))
+                .map_err(|e| invalid("TARGET_ALLOWLIST", e))?;
+        let delivery_defaults = DeliveryDefaults {
+            max_in_flight: raw.delivery_max_in_flight,
+            timeout: Duration::from_millis(raw.delivery_timeout_ms),
+            retry: RetryPolicy {
+                max_attempts: raw.retry_max_attempts,
+                backoff: retry_backoff,
+                base_ms: raw.retry_base_ms,
+                max_ms: raw.retry_max_ms,
+                jitter: raw.retry_jitter,
+            },
+            breaker_threshold: raw.breaker_failure_threshold,
+            breaker_open: Duration::from_millis(raw.breaker_open_ms),
+        };
         Ok(Config {
             amqp_url,
             http_host,
@@ -216,6 +308,8 @@ impl Config {
             reconnect_min: Duration::from_millis(raw.reconnect_min_ms),
             reconnect_max: Duration::from_millis(raw.reconnect_max_ms),
             amqp_connect_timeout: Duration::from_millis(raw.amqp_connect_timeout_ms),
+            delivery_defaults,
+            target_allowlist,
         })
     }
 
@@ -251,6 +345,8 @@ impl fmt::Debug for Config {
             .field("reconnect_min", &self.reconnect_min)
             .field("reconnect_max", &self.reconnect_max)
             .field("amqp_connect_timeout", &self.amqp_connect_timeout)
+            .field("delivery_defaults", &self.delivery_defaults)
+            .field("target_allowlist", &self.target_allowlist)
             .finish()
     }
 }
@@ -282,6 +378,16 @@ mod tests {
             (vec![("FAILURE_OUTCOME", "rejected")], "FAILURE_OUTCOME"),
             (vec![("DEFAULT_PREFETCH", "0")], "DEFAULT_PREFETCH"),
             (vec![("LOG_LEVEL", "[")], "LOG_LEVEL"),
+            (vec![("RETRY_BACKOFF", "random")], "RETRY_BACKOFF"),
+            (vec![("RETRY_MAX_ATTEMPTS", "0")], "RETRY_MAX_ATTEMPTS"),
+            (
+                vec![("TARGET_ALLOWLIST", "a.test, not valid")],
+                "TARGET_ALLOWLIST",
+            ),
+            (
+                vec![("DELIVERY_MAX_IN_FLIGHT", "0")],
+                "DELIVERY_MAX_IN_FLIGHT",
+            ),
         ] {
             let err = cfg(&vars).expect_err("must be refused").to_string();
             assert!(err.contains(name), "{err} should name {name}");

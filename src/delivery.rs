@@ -1,5 +1,6 @@
-//! Turning one AMQP message into one HTTP POST, sending it, and deciding from the answer what
-//! the broker is told. The mapping and the decision are pure functions; only [`post`] does I/O.
+//! Turning one AMQP message into an HTTP POST, sending it (with retries, the circuit breaker
+//! and the rate limit of its enrollment), and deciding from the answers what the broker is
+//! told. The message mapping is a pure function; the status decision is [`crate::policy::verdict`].
 
 use std::time::Duration;
 
@@ -11,7 +12,16 @@ use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use uuid::Uuid;
 
+use std::sync::Arc;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
 use crate::amqp_link::Settlement;
+use crate::breaker::{BreakerState, CircuitBreaker, Health, Permit};
+use crate::policy::{DeliveryPolicy, Verdict, verdict};
+use crate::registry::{EnrollmentStatus, Entry};
+use crate::signing;
+use crate::worker::StopSignals;
 
 /// Prefix of the headers that carry the AMQP properties; application properties get
 /// [`APP_PROPERTY_PREFIX`] followed by the property name in lower case.
@@ -202,17 +212,30 @@ pub fn value_to_json(v: &Value) -> serde_json::Value {
 /// What came back from one POST.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PostResult {
-    Status(u16),
+    /// The target answered; `retry_after` is its `Retry-After` on a 429 or 503.
+    Status {
+        code: u16,
+        retry_after: Option<Duration>,
+    },
     Timeout,
     /// Connection refused, reset, DNS failure, TLS failure…
     Network(String),
 }
 
-/// The delivery decision: 2xx is success, everything else is a failure the broker retries.
-pub fn settlement_for(result: &PostResult) -> Settlement {
-    match result {
-        PostResult::Status(code) if (200..300).contains(code) => Settlement::Accept,
-        PostResult::Status(_) | PostResult::Timeout | PostResult::Network(_) => Settlement::Fail,
+impl PostResult {
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            Self::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Status { code, .. } => format!("target answered {code}"),
+            Self::Timeout => "target timed out".to_string(),
+            Self::Network(e) => format!("target unreachable: {e}"),
+        }
     }
 }
 
@@ -221,26 +244,51 @@ pub async fn post(
     client: &reqwest::Client,
     target_url: &str,
     request: &PushRequest,
+    extra_headers: HeaderMap,
     timeout: Duration,
 ) -> PostResult {
+    let mut headers = request.headers.clone();
+    headers.extend(extra_headers);
     let sent = client
         .post(target_url)
-        .headers(request.headers.clone())
+        .headers(headers)
         .body(request.body.clone())
         .timeout(timeout)
         .send()
         .await;
     match sent {
         Ok(response) => {
-            let status = response.status().as_u16();
+            let code = response.status().as_u16();
+            let retry_after = if code == 429 || code == 503 {
+                response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after)
+            } else {
+                None
+            };
             // Drain the body so the pooled connection can be reused; its content is ignored.
             let _ = response.bytes().await;
-            PostResult::Status(status)
+            PostResult::Status { code, retry_after }
         }
         Err(e) if e.is_timeout() => PostResult::Timeout,
         // The URL may carry credentials: keep it out of the error text.
         Err(e) => PostResult::Network(error_chain(&e.without_url())),
     }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -254,30 +302,173 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// One enrollment's delivery machinery, shared by its in-flight messages: the policy, the
+/// headers every POST carries, the circuit breaker and the rate limiter. It lives as long as
+/// the worker, across reconnects, so breaker and limiter state survive a broker hiccup.
+pub struct Dispatcher {
+    http: reqwest::Client,
+    target_url: String,
+    policy: DeliveryPolicy,
+    static_headers: HeaderMap,
+    signing_key: Option<Vec<u8>>,
+    pub breaker: CircuitBreaker,
+    limiter: Option<DefaultDirectRateLimiter>,
+    status: Arc<EnrollmentStatus>,
+}
+
+impl Dispatcher {
+    pub fn new(http: reqwest::Client, entry: &Entry) -> Self {
+        let policy = entry.policy.clone();
+        let limiter = policy.rate_limit_per_sec.and_then(|rate| {
+            Quota::with_period(Duration::from_secs_f64(1.0 / rate)).map(RateLimiter::direct)
+        });
+        Self {
+            http,
+            target_url: entry.enrollment.target_url.clone(),
+            static_headers: signing::static_headers(&policy),
+            signing_key: policy
+                .signing
+                .as_ref()
+                .and_then(|s| signing::signing_key(&s.secret)),
+            breaker: CircuitBreaker::new(policy.circuit_breaker),
+            limiter,
+            status: Arc::clone(&entry.status),
+            policy,
+        }
+    }
+
+    pub fn policy(&self) -> &DeliveryPolicy {
+        &self.policy
+    }
+
+    fn headers_for(&self, request: &PushRequest, webhook_id: &str) -> HeaderMap {
+        let mut headers = self.static_headers.clone();
+        if let Some(key) = &self.signing_key {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            headers.extend(signing::webhook_headers(
+                key,
+                webhook_id,
+                now,
+                &request.body,
+            ));
+        }
+        headers
+    }
+
+    /// Delivers one message: POSTs it, retries locally with backoff while its answers are
+    /// in the retry class and attempts remain, waits while the breaker is open (the message
+    /// stays unsettled in hand, its delivery count unused), and returns what the broker is
+    /// to be told. Counters and `last_error` are updated here.
+    pub async fn deliver(&self, request: &PushRequest, signals: &StopSignals) -> Settlement {
+        // Stable across attempts so a receiver can de-duplicate on it.
+        let webhook_id = request
+            .message_id
+            .clone()
+            .unwrap_or_else(|| format!("msg_{}", Uuid::new_v4().simple()));
+        let message_id = request.message_id.as_deref().unwrap_or("");
+        let max_attempts = self.policy.retry.max_attempts;
+        let mut counted_attempts = 0u32;
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = signals.stop.cancelled() => return Settlement::HandBack,
+                permit = self.breaker.acquire() => permit,
+            };
+            if let Some(limiter) = &self.limiter {
+                tokio::select! {
+                    biased;
+                    _ = signals.stop.cancelled() => {
+                        self.breaker.abandon(permit);
+                        return Settlement::HandBack;
+                    }
+                    _ = limiter.until_ready() => {}
+                }
+            }
+            let headers = self.headers_for(request, &webhook_id);
+            // Shutdown lets a POST finish; removal abandons it.
+            let result = tokio::select! {
+                biased;
+                _ = signals.remove.cancelled() => {
+                    self.breaker.abandon(permit);
+                    return Settlement::HandBack;
+                }
+                result = post(&self.http, &self.target_url, request, headers, self.policy.timeout()) => result,
+            };
+            if permit == Permit::Normal {
+                counted_attempts += 1;
+            }
+            let verdict = verdict(result.code(), &self.policy);
+            self.breaker.record(
+                permit,
+                match verdict {
+                    Verdict::Success => Health::Up,
+                    Verdict::Retry => Health::Down,
+                    Verdict::Reject | Verdict::Drop | Verdict::Fail => Health::Answered,
+                },
+            );
+            match verdict {
+                Verdict::Success => {
+                    self.status.record_delivered();
+                    return Settlement::Accept;
+                }
+                Verdict::Drop => {
+                    self.status.record_dropped();
+                    tracing::info!(message_id, result = %result.describe(), "dropped: answer is in drop_on");
+                    return Settlement::Accept;
+                }
+                Verdict::Reject => {
+                    let reason = result.describe();
+                    self.status.record_rejected();
+                    self.status.set_last_error(format!("{reason} (rejected)"));
+                    tracing::warn!(message_id, %reason, "rejected: answer is in reject_on; the broker dead-letters it");
+                    return Settlement::Reject(reason);
+                }
+                Verdict::Fail => return self.fail(message_id, &result),
+                Verdict::Retry => {
+                    self.status.set_last_error(result.describe());
+                    if self.breaker.state() != BreakerState::Closed {
+                        // Held in hand; the next attempt waits for the breaker's probe slot.
+                        tracing::debug!(message_id, "breaker not closed; holding the message");
+                        continue;
+                    }
+                    if counted_attempts >= max_attempts {
+                        return self.fail(message_id, &result);
+                    }
+                    let retry_after = match &result {
+                        PostResult::Status { retry_after, .. } => *retry_after,
+                        _ => None,
+                    };
+                    let delay = retry_after
+                        .map(|d| d.min(Duration::from_millis(self.policy.retry.max_ms)))
+                        .unwrap_or_else(|| {
+                            self.policy.retry.delay(counted_attempts, fastrand::f64())
+                        });
+                    self.status.record_retry();
+                    tracing::debug!(message_id, attempt = counted_attempts, delay_ms = delay.as_millis() as u64, result = %result.describe(), "retrying");
+                    tokio::select! {
+                        biased;
+                        _ = signals.stop.cancelled() => return Settlement::HandBack,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn fail(&self, message_id: &str, result: &PostResult) -> Settlement {
+        let reason = result.describe();
+        self.status.record_failed();
+        self.status.set_last_error(reason.clone());
+        tracing::warn!(message_id, %reason, "delivery failed; handing the message back");
+        Settlement::Fail
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Data, Properties};
     use fe2o3_amqp::types::primitives::Binary;
-
-    #[test]
-    fn settlement_table() {
-        let cases = [
-            (PostResult::Status(200), Settlement::Accept),
-            (PostResult::Status(204), Settlement::Accept),
-            (PostResult::Status(299), Settlement::Accept),
-            (PostResult::Status(199), Settlement::Fail),
-            (PostResult::Status(301), Settlement::Fail),
-            (PostResult::Status(404), Settlement::Fail),
-            (PostResult::Status(429), Settlement::Fail),
-            (PostResult::Status(503), Settlement::Fail),
-            (PostResult::Timeout, Settlement::Fail),
-            (PostResult::Network("refused".into()), Settlement::Fail),
-        ];
-        for (result, want) in cases {
-            assert_eq!(settlement_for(&result), want, "{result:?}");
-        }
-    }
 
     fn message(body: Body<Value>, props: Option<Properties>) -> Message<Body<Value>> {
         Message {

@@ -8,6 +8,7 @@ use url::Url;
 use uuid::Uuid;
 
 use crate::config::MAX_PREFETCH;
+use crate::policy::DeliverySettings;
 
 /// A stored enrollment: which queue is pushed to which URL.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,6 +20,9 @@ pub struct Enrollment {
     pub subscription_args: SubscriptionArgs,
     /// RFC 3339, UTC.
     pub created_at: String,
+    /// Delivery settings as given; the daemon's defaults fill the rest when a worker starts.
+    #[serde(default)]
+    pub delivery: DeliverySettings,
 }
 
 /// Options of the AMQP source. Absent keys are `None` so that the stored JSON and the API
@@ -45,6 +49,7 @@ pub struct NewEnrollment {
     pub queue: String,
     pub target_url: String,
     pub subscription_args: SubscriptionArgs,
+    pub delivery: DeliverySettings,
 }
 
 /// Why a request body is not a valid enrollment. `Malformed` is a body of the wrong shape
@@ -60,7 +65,7 @@ pub enum EnrollmentError {
 use EnrollmentError::{Invalid, Malformed};
 
 const SUBSCRIPTION_KEYS: [&str; 4] = ["durable", "selector", "capabilities", "prefetch"];
-const TOP_LEVEL_KEYS: [&str; 3] = ["queue", "target_url", "subscription_args"];
+const TOP_LEVEL_KEYS: [&str; 4] = ["queue", "target_url", "subscription_args", "delivery"];
 
 impl NewEnrollment {
     /// Validates a parsed JSON body. Separates type errors (400) from refused values (422)
@@ -93,10 +98,16 @@ impl NewEnrollment {
                 ));
             }
         };
+        let delivery = match fields.remove("delivery") {
+            None | Some(Value::Null) => DeliverySettings::default(),
+            Some(v @ Value::Object(_)) => DeliverySettings::from_json(v)?,
+            Some(_) => return Err(Malformed("`delivery` must be a JSON object".into())),
+        };
         Ok(Self {
             queue,
             target_url,
             subscription_args,
+            delivery,
         })
     }
 }

@@ -7,21 +7,30 @@
 //! - [`registry`]: the in-memory enrollment map with live status; the only writer of store
 //!   and supervisor.
 //! - [`supervisor`]: owns one worker task per enrollment; restarts, stops, shuts down.
-//! - [`worker`]: one enrollment's receive → POST → settle loop with reconnects.
+//! - [`worker`]: one enrollment's link owner: receive, run deliveries concurrently up to
+//!   `max_in_flight`, settle, reconnect.
 //! - [`amqp_link`]: connection, session and receiver; failure outcome; settlement.
-//! - [`delivery`]: message → HTTP request mapping, the POST, and the settle decision.
+//! - [`delivery`]: message → HTTP request mapping, the POST, and one message's attempts.
+//! - [`policy`]: per-enrollment delivery settings, defaults, status classes, the verdict.
+//! - [`breaker`]: the per-enrollment circuit breaker.
+//! - [`signing`]: static headers, credentials and Standard Webhooks signatures.
+//! - [`allowlist`]: `TARGET_ALLOWLIST` and the guarded link-local/metadata ranges.
 //! - [`backoff`]: capped exponential backoff with jitter.
 //! - [`api`]: the HTTP API and its error mapping.
 //! - [`demo_receiver`]: a small HTTP receiver for walkthroughs and local trials.
 
+pub mod allowlist;
 pub mod amqp_link;
 pub mod api;
 pub mod backoff;
+pub mod breaker;
 pub mod config;
 pub mod delivery;
 pub mod demo_receiver;
 pub mod enrollment;
+pub mod policy;
 pub mod registry;
+pub mod signing;
 pub mod store;
 pub mod supervisor;
 pub mod worker;
@@ -74,7 +83,6 @@ pub async fn run(
             connect_timeout: config.amqp_connect_timeout,
         },
         http,
-        delivery_timeout: config.delivery_timeout,
         failure_policy: config.failure_outcome,
         default_prefetch: config.default_prefetch,
         reconnect: BackoffSettings {
@@ -84,7 +92,13 @@ pub async fn run(
     };
     let token = CancellationToken::new();
     let supervisor = Supervisor::new(ctx, token.clone());
-    let registry = Registry::load(store, supervisor.clone()).await?;
+    let registry = Registry::load(
+        store,
+        supervisor.clone(),
+        config.delivery_defaults.clone(),
+        config.target_allowlist.clone(),
+    )
+    .await?;
 
     // The caller's shutdown future only flips the token; everything else watches the token.
     let trigger = token.clone();

@@ -11,9 +11,12 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
+use crate::allowlist::TargetAllowlist;
 use crate::amqp_link::FailureOutcome;
+use crate::breaker::BreakerState;
 use crate::config::redact_url;
-use crate::enrollment::{Enrollment, NewEnrollment};
+use crate::enrollment::{Enrollment, NewEnrollment, SubscriptionArgs};
+use crate::policy::{DeliveryDefaults, DeliveryPolicy};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{Supervisor, WorkerExit};
 
@@ -44,22 +47,48 @@ impl WorkerState {
 #[derive(Debug)]
 pub struct EnrollmentStatus {
     state: AtomicU8,
+    breaker: AtomicU8,
     delivered: AtomicU64,
     failed: AtomicU64,
+    retries: AtomicU64,
+    dropped: AtomicU64,
+    rejected: AtomicU64,
+    in_flight: AtomicU64,
     failure_outcome: Mutex<Option<FailureOutcome>>,
-    last_error: Mutex<Option<String>>,
+    last_error: Mutex<Option<(String, String)>>,
+    last_success_at: Mutex<Option<String>>,
 }
 
 impl Default for EnrollmentStatus {
     fn default() -> Self {
         Self {
             state: AtomicU8::new(WorkerState::Connecting as u8),
+            breaker: AtomicU8::new(0),
             delivered: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
             failure_outcome: Mutex::new(None),
             last_error: Mutex::new(None),
+            last_success_at: Mutex::new(None),
         }
     }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn set_slot<T>(slot: &Mutex<T>, value: T) {
+    // A poisoned slot only held a plain value; overwrite it.
+    let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+    *guard = value;
+}
+
+fn read_slot<T: Clone>(slot: &Mutex<T>) -> T {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 impl EnrollmentStatus {
@@ -69,11 +98,48 @@ impl EnrollmentStatus {
     pub fn set_state(&self, state: WorkerState) {
         self.state.store(state as u8, Ordering::Relaxed);
     }
-    pub fn record_delivered(&self) {
-        self.delivered.fetch_add(1, Ordering::Relaxed);
+    pub fn breaker(&self) -> BreakerState {
+        match self.breaker.load(Ordering::Relaxed) {
+            1 => BreakerState::Open,
+            2 => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
     }
+    pub fn set_breaker(&self, state: BreakerState) {
+        let v = match state {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        };
+        self.breaker.store(v, Ordering::Relaxed);
+    }
+    /// Accepted after a 2xx.
+    pub fn record_delivered(&self) {
+        bump(&self.delivered);
+        set_slot(&self.last_success_at, Some(now_rfc3339()));
+    }
+    /// Handed back with the failure outcome (or released on removal).
     pub fn record_failed(&self) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
+        bump(&self.failed);
+    }
+    pub fn record_retry(&self) {
+        bump(&self.retries);
+    }
+    /// Accepted because the answer was in `drop_on`.
+    pub fn record_dropped(&self) {
+        bump(&self.dropped);
+    }
+    /// Rejected because the answer was in `reject_on`: the broker dead-letters it.
+    pub fn record_rejected(&self) {
+        bump(&self.rejected);
+    }
+    pub fn add_in_flight(&self, delta: i64) {
+        if delta >= 0 {
+            self.in_flight.fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            self.in_flight
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
     }
     pub fn delivered(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
@@ -82,59 +148,93 @@ impl EnrollmentStatus {
         self.failed.load(Ordering::Relaxed)
     }
     pub fn set_failure_outcome(&self, outcome: FailureOutcome) {
-        if let Ok(mut slot) = self.failure_outcome.lock() {
-            *slot = Some(outcome);
-        }
+        set_slot(&self.failure_outcome, Some(outcome));
     }
     pub fn failure_outcome(&self) -> Option<FailureOutcome> {
-        self.failure_outcome.lock().ok().and_then(|s| *s)
+        read_slot(&self.failure_outcome)
     }
     pub fn set_last_error(&self, error: impl Into<String>) {
-        if let Ok(mut slot) = self.last_error.lock() {
-            *slot = Some(error.into());
-        }
+        set_slot(&self.last_error, Some((error.into(), now_rfc3339())));
     }
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().ok().and_then(|s| s.clone())
+        read_slot(&self.last_error).map(|(e, _)| e)
     }
 }
 
-/// One entry of the map: the stored record and its live status.
+/// One entry of the map: the stored record, its effective delivery policy and live status.
 #[derive(Debug)]
 pub struct Entry {
     pub enrollment: Enrollment,
+    pub policy: DeliveryPolicy,
     pub status: Arc<EnrollmentStatus>,
 }
 
 /// The JSON shape of an enrollment in API answers.
 #[derive(Debug, Serialize)]
 pub struct EnrollmentView {
-    #[serde(flatten)]
-    pub enrollment: Enrollment,
+    pub id: Uuid,
+    pub queue: String,
+    /// With any password in it replaced by `***`.
+    pub target_url: String,
+    pub subscription_args: SubscriptionArgs,
+    pub created_at: String,
+    /// The effective delivery policy, secrets redacted.
+    pub delivery: DeliveryPolicy,
     pub state: WorkerState,
+    pub breaker_state: BreakerState,
     pub delivered: u64,
     pub failed: u64,
+    pub retries: u64,
+    pub dropped: u64,
+    pub rejected: u64,
+    pub in_flight: u64,
     /// How failed deliveries are handed back, known once the link has attached.
     pub failure_outcome: Option<FailureOutcome>,
     pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub last_success_at: Option<String>,
 }
 
 impl Entry {
+    pub fn new(enrollment: Enrollment, defaults: &DeliveryDefaults) -> Self {
+        let policy = enrollment.delivery.resolve(defaults);
+        Self {
+            enrollment,
+            policy,
+            status: Arc::default(),
+        }
+    }
+
     pub fn view(&self) -> EnrollmentView {
-        let mut enrollment = self.enrollment.clone();
+        let e = &self.enrollment;
+        let mut target_url = e.target_url.clone();
         // Only rewrite URLs that carry a password: parsing normalises the text otherwise.
-        if let Ok(url) = url::Url::parse(&enrollment.target_url)
+        if let Ok(url) = url::Url::parse(&target_url)
             && url.password().is_some()
         {
-            enrollment.target_url = redact_url(&url);
+            target_url = redact_url(&url);
         }
+        let s = &self.status;
+        let last_error = read_slot(&s.last_error);
         EnrollmentView {
-            enrollment,
-            state: self.status.state(),
-            delivered: self.status.delivered(),
-            failed: self.status.failed(),
-            failure_outcome: self.status.failure_outcome(),
-            last_error: self.status.last_error(),
+            id: e.id,
+            queue: e.queue.clone(),
+            target_url,
+            subscription_args: e.subscription_args.clone(),
+            created_at: e.created_at.clone(),
+            delivery: self.policy.redacted(),
+            state: s.state(),
+            breaker_state: s.breaker(),
+            delivered: s.delivered(),
+            failed: s.failed(),
+            retries: s.retries.load(Ordering::Relaxed),
+            dropped: s.dropped.load(Ordering::Relaxed),
+            rejected: s.rejected.load(Ordering::Relaxed),
+            in_flight: s.in_flight.load(Ordering::Relaxed),
+            failure_outcome: s.failure_outcome(),
+            last_error: last_error.as_ref().map(|(e, _)| e.clone()),
+            last_error_at: last_error.map(|(_, at)| at),
+            last_success_at: read_slot(&s.last_success_at),
         }
     }
 }
@@ -154,6 +254,8 @@ pub struct Registry {
 struct Inner {
     store: Store,
     supervisor: Supervisor,
+    defaults: DeliveryDefaults,
+    allowlist: TargetAllowlist,
     /// The read path. A std lock: held only for map operations, never across `.await`.
     map: RwLock<HashMap<Uuid, Arc<Entry>>>,
     /// Serialises create/delete end to end (disk, map, worker) so concurrent requests for the
@@ -162,16 +264,26 @@ struct Inner {
 }
 
 impl Registry {
-    /// Loads every stored enrollment and starts its worker.
-    pub async fn load(store: Store, supervisor: Supervisor) -> Result<Self, StoreError> {
+    /// Loads every stored enrollment and starts its worker, except for targets the current
+    /// `TARGET_ALLOWLIST` refuses: those stay listed, stopped, with the reason.
+    pub async fn load(
+        store: Store,
+        supervisor: Supervisor,
+        defaults: DeliveryDefaults,
+        allowlist: TargetAllowlist,
+    ) -> Result<Self, StoreError> {
         let stored = store.load_all().await?;
         let mut map = HashMap::with_capacity(stored.len());
         for enrollment in stored {
-            let entry = Arc::new(Entry {
-                enrollment,
-                status: Arc::default(),
-            });
-            supervisor.start(Arc::clone(&entry));
+            let entry = Arc::new(Entry::new(enrollment, &defaults));
+            match check_target(&allowlist, &entry.enrollment.target_url) {
+                Ok(()) => supervisor.start(Arc::clone(&entry)),
+                Err(reason) => {
+                    tracing::warn!(enrollment_id = %entry.enrollment.id, %reason, "not starting the worker");
+                    entry.status.set_state(WorkerState::Stopped);
+                    entry.status.set_last_error(reason);
+                }
+            }
             map.insert(entry.enrollment.id, entry);
         }
         tracing::info!(count = map.len(), "loaded enrollments");
@@ -179,6 +291,8 @@ impl Registry {
             inner: Arc::new(Inner {
                 store,
                 supervisor,
+                defaults,
+                allowlist,
                 map: RwLock::new(map),
                 writes: tokio::sync::Mutex::new(()),
             }),
@@ -230,6 +344,11 @@ impl Registry {
         &self.inner.store
     }
 
+    /// Whether `TARGET_ALLOWLIST` and the guarded ranges admit `target_url`.
+    pub fn check_target(&self, target_url: &str) -> Result<(), String> {
+        check_target(&self.inner.allowlist, target_url)
+    }
+
     /// Creates an enrollment, or returns the one that already pushes `queue` to `target_url`.
     pub async fn create(&self, new: NewEnrollment) -> Result<(Created, Arc<Entry>), StoreError> {
         let _writes = self.inner.writes.lock().await;
@@ -249,12 +368,10 @@ impl Registry {
             target_url: new.target_url,
             subscription_args: new.subscription_args,
             created_at: now_rfc3339(),
+            delivery: new.delivery,
         };
         self.inner.store.insert(enrollment.clone()).await?;
-        let entry = Arc::new(Entry {
-            enrollment,
-            status: Arc::default(),
-        });
+        let entry = Arc::new(Entry::new(enrollment, &self.inner.defaults));
         self.write_map(|m| m.insert(entry.enrollment.id, Arc::clone(&entry)));
         self.inner.supervisor.start(Arc::clone(&entry));
         tracing::info!(enrollment_id = %entry.enrollment.id, queue = %entry.enrollment.queue, "enrolled");
@@ -276,7 +393,13 @@ impl Registry {
     }
 }
 
-fn now_rfc3339() -> String {
+fn check_target(allowlist: &TargetAllowlist, target_url: &str) -> Result<(), String> {
+    let url =
+        url::Url::parse(target_url).map_err(|e| format!("`target_url` is not a valid URL: {e}"))?;
+    allowlist.check(&url)
+}
+
+pub(crate) fn now_rfc3339() -> String {
     OffsetDateTime::now_utc()
         .format(&Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())

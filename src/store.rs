@@ -11,7 +11,10 @@ use uuid::Uuid;
 use crate::enrollment::{Enrollment, SubscriptionArgs};
 
 /// Migrations in the order they are applied; the index + 1 is the recorded version.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_create_enrollments.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_create_enrollments.sql"),
+    include_str!("../migrations/0002_add_delivery_settings.sql"),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -79,7 +82,7 @@ impl Store {
     pub async fn load_all(&self) -> Result<Vec<Enrollment>, StoreError> {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT id, queue, target_url, subscription_args, created_at
+                "SELECT id, queue, target_url, subscription_args, created_at, delivery
                  FROM enrollments ORDER BY created_at, id",
             )?;
             let rows = stmt.query_map([], |row| {
@@ -89,11 +92,12 @@ impl Store {
                     row.get::<_, String>(2)?,
                     row.get::<_, String>(3)?,
                     row.get::<_, String>(4)?,
+                    row.get::<_, String>(5)?,
                 ))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (id, queue, target_url, args, created_at) = row?;
+                let (id, queue, target_url, args, created_at, delivery) = row?;
                 let parsed_id = Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt {
                     id: id.clone(),
                     reason: e.to_string(),
@@ -103,12 +107,18 @@ impl Store {
                         id: id.clone(),
                         reason: e.to_string(),
                     })?;
+                let delivery =
+                    serde_json::from_str(&delivery).map_err(|e| StoreError::Corrupt {
+                        id: id.clone(),
+                        reason: e.to_string(),
+                    })?;
                 out.push(Enrollment {
                     id: parsed_id,
                     queue,
                     target_url,
                     subscription_args,
                     created_at,
+                    delivery,
                 });
             }
             Ok(out)
@@ -119,21 +129,25 @@ impl Store {
     /// Commits a new enrollment.
     pub async fn insert(&self, enrollment: Enrollment) -> Result<(), StoreError> {
         self.with_conn(move |conn| {
-            let args = serde_json::to_string(&enrollment.subscription_args).map_err(|e| {
-                StoreError::Corrupt {
+            let to_json = |v: Result<String, serde_json::Error>| {
+                v.map_err(|e| StoreError::Corrupt {
                     id: enrollment.id.to_string(),
                     reason: e.to_string(),
-                }
-            })?;
+                })
+            };
+            let args = to_json(serde_json::to_string(&enrollment.subscription_args))?;
+            let delivery = to_json(serde_json::to_string(&enrollment.delivery))?;
             conn.execute(
-                "INSERT INTO enrollments (id, queue, target_url, subscription_args, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO enrollments
+                     (id, queue, target_url, subscription_args, created_at, delivery)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     enrollment.id.to_string(),
                     enrollment.queue,
                     enrollment.target_url,
                     args,
-                    enrollment.created_at
+                    enrollment.created_at,
+                    delivery
                 ],
             )?;
             Ok(())
@@ -230,6 +244,10 @@ mod tests {
                 ..Default::default()
             },
             created_at: "2026-01-01T00:00:00Z".into(),
+            delivery: crate::policy::DeliverySettings {
+                max_in_flight: Some(4),
+                ..Default::default()
+            },
         }
     }
 

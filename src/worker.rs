@@ -1,15 +1,19 @@
-//! One enrollment's worker: connect, attach, then for each message POST it, settle it, repeat;
-//! on any broker error drop the link and reconnect with backoff, forever, until told to stop.
-//! Messages are handled one at a time, so order per enrollment is the queue's order.
+//! One enrollment's worker: connect and attach, then receive messages and run up to
+//! `max_in_flight` deliveries at once, settling each as it finishes; on any broker error drop
+//! the link and reconnect with backoff, forever, until told to stop. This task alone owns the
+//! receiver, so every outcome (including `modified` and `rejected`) stays available.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fe2o3_amqp::link::delivery::DeliveryInfo;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp_link::{AmqpLink, BrokerSettings, FailureOutcomePolicy, LinkError, Settlement};
 use crate::backoff::{Backoff, BackoffSettings};
-use crate::delivery::{self, PostResult, PushRequest};
+use crate::breaker::BreakerState;
+use crate::delivery::{Dispatcher, PushRequest};
 use crate::registry::{Entry, WorkerState};
 
 /// Everything a worker needs besides its enrollment; one shared copy for all workers.
@@ -19,7 +23,6 @@ pub struct WorkerContext {
     /// One client for every worker: connection pools are per target host, so a slow target
     /// only ties up its own connections.
     pub http: reqwest::Client,
-    pub delivery_timeout: Duration,
     pub failure_policy: FailureOutcomePolicy,
     pub default_prefetch: u32,
     pub reconnect: BackoffSettings,
@@ -46,29 +49,36 @@ enum LinkEnd {
     Failed(LinkError),
 }
 
+/// A finished delivery, handed from its task back to the receiver's owner for settlement.
+type Finished = (DeliveryInfo, Settlement);
+
 pub async fn run(ctx: WorkerContext, entry: Arc<Entry>, signals: StopSignals) {
     let status = &entry.status;
     let enrollment = &entry.enrollment;
-    let prefetch = enrollment
+    let dispatcher = Arc::new(Dispatcher::new(ctx.http.clone(), &entry));
+    let max_in_flight = dispatcher.policy().max_in_flight;
+    // Credit at least covers the POSTs allowed in flight, so none of them waits on the broker.
+    let credit = enrollment
         .subscription_args
         .prefetch
-        .unwrap_or(ctx.default_prefetch);
+        .unwrap_or(ctx.default_prefetch)
+        .max(max_in_flight);
     let mut backoff = Backoff::new(ctx.reconnect);
     loop {
         status.set_state(WorkerState::Connecting);
         let opened = tokio::select! {
             biased;
             _ = signals.stop.cancelled() => break,
-            opened = AmqpLink::open(&ctx.broker, enrollment, prefetch, ctx.failure_policy) => opened,
+            opened = AmqpLink::open(&ctx.broker, enrollment, credit, ctx.failure_policy) => opened,
         };
         let failure = match opened {
             Ok(mut link) => {
                 let outcome = link.failure_outcome();
                 status.set_failure_outcome(outcome);
                 status.set_state(WorkerState::Active);
-                tracing::info!(failure_outcome = %outcome, prefetch, "attached");
+                tracing::info!(failure_outcome = %outcome, credit, max_in_flight, "attached");
                 let attached_at = Instant::now();
-                match receive_loop(&ctx, &entry, &signals, &mut link).await {
+                match receive_loop(&entry, &dispatcher, &signals, &mut link, credit).await {
                     LinkEnd::Stopped => {
                         link.detach().await;
                         break;
@@ -103,68 +113,97 @@ pub async fn run(ctx: WorkerContext, entry: Arc<Entry>, signals: StopSignals) {
 }
 
 async fn receive_loop(
-    ctx: &WorkerContext,
     entry: &Entry,
+    dispatcher: &Arc<Dispatcher>,
     signals: &StopSignals,
     link: &mut AmqpLink,
+    credit: u32,
 ) -> LinkEnd {
-    let enrollment = &entry.enrollment;
-    loop {
-        // Only cancel-safe futures here: `recv` (fe2o3-amqp #22) and `cancelled`.
-        let received = tokio::select! {
-            biased;
-            _ = signals.stop.cancelled() => {
-                return if signals.remove.is_cancelled() { LinkEnd::Removed } else { LinkEnd::Stopped };
-            }
-            received = link.recv() => received,
-        };
-        let delivery = match received {
-            Ok(delivery) => delivery,
-            Err(e) => return LinkEnd::Failed(e),
-        };
-        let delivery_count = delivery
-            .message()
-            .header
-            .as_ref()
-            .map_or(0, |h| h.delivery_count);
-        let request = PushRequest::from_message(delivery.message(), enrollment.id, delivery_count);
-        // The POST runs to completion on shutdown (bounded by the delivery timeout and the
-        // shutdown grace) but is abandoned at once on removal; either way the delivery is
-        // settled below, so it is never left half-handled.
-        let settlement = tokio::select! {
-            biased;
-            _ = signals.remove.cancelled() => Settlement::HandBack,
-            result = delivery::post(&ctx.http, &enrollment.target_url, &request, ctx.delivery_timeout) => {
-                record(entry, &request, &result)
-            }
-        };
-        if let Err(e) = link.settle(&delivery, settlement).await {
+    let max_in_flight = dispatcher.policy().max_in_flight as usize;
+    let mut in_flight: JoinSet<Finished> = JoinSet::new();
+    let mut breaker = dispatcher.breaker.subscribe();
+    // A breaker that opened during an earlier link must not get fresh credit now.
+    let mut granted = credit;
+    if dispatcher.breaker.state() == BreakerState::Open {
+        granted = 0;
+        if let Err(e) = link.set_credit(0).await {
             return LinkEnd::Failed(e);
         }
-        if signals.remove.is_cancelled() {
-            return LinkEnd::Removed;
+    }
+    entry.status.set_breaker(dispatcher.breaker.state());
+    let end = loop {
+        // Only cancel-safe futures here: `cancelled`, `join_next`, `changed` and `recv`
+        // (fe2o3-amqp #22). The POSTs run in their own tasks.
+        tokio::select! {
+            biased;
+            _ = signals.stop.cancelled() => {
+                break if signals.remove.is_cancelled() { LinkEnd::Removed } else { LinkEnd::Stopped };
+            }
+            Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Err(e) = settle(entry, link, joined).await {
+                    break LinkEnd::Failed(e);
+                }
+            }
+            Ok(()) = breaker.changed() => {
+                let state = *breaker.borrow_and_update();
+                entry.status.set_breaker(state);
+                // Open: no credit, so messages wait in the broker with their delivery count
+                // untouched. Half-open keeps it at 0 too; the probe uses a message in hand.
+                let wanted = if state == BreakerState::Closed { credit } else { 0 };
+                if wanted != granted {
+                    if let Err(e) = link.set_credit(wanted).await {
+                        break LinkEnd::Failed(e);
+                    }
+                    granted = wanted;
+                }
+            }
+            received = link.recv(), if in_flight.len() < max_in_flight => {
+                let delivery = match received {
+                    Ok(delivery) => delivery,
+                    Err(e) => break LinkEnd::Failed(e),
+                };
+                let delivery_count = delivery.message().header.as_ref().map_or(0, |h| h.delivery_count);
+                let (info, message) = delivery.into_parts();
+                let request = PushRequest::from_message(&message, entry.enrollment.id, delivery_count);
+                drop(message);
+                let dispatcher = Arc::clone(dispatcher);
+                let signals = signals.clone();
+                entry.status.add_in_flight(1);
+                in_flight.spawn(async move {
+                    let settlement = dispatcher.deliver(&request, &signals).await;
+                    (info, settlement)
+                });
+            }
+        }
+    };
+    // Stopping: deliveries waiting on a retry or the breaker hand back at once; POSTs under
+    // way finish (shutdown) or are abandoned (removal); each is settled before the link goes.
+    // After a link failure the settlements cannot reach the broker, which takes the messages
+    // back with the connection, so the tasks are aborted.
+    if matches!(end, LinkEnd::Failed(_)) {
+        in_flight.abort_all();
+    }
+    while let Some(joined) = in_flight.join_next().await {
+        if matches!(end, LinkEnd::Failed(_)) {
+            entry.status.add_in_flight(-1);
+            continue;
+        }
+        if let Err(e) = settle(entry, link, joined).await {
+            tracing::debug!(error = %e, "settling while stopping failed");
         }
     }
+    end
 }
 
-fn record(entry: &Entry, request: &PushRequest, result: &PostResult) -> Settlement {
-    let settlement = delivery::settlement_for(result);
-    let message_id = request.message_id.as_deref().unwrap_or("");
-    match settlement {
-        Settlement::Accept => {
-            entry.status.record_delivered();
-            tracing::debug!(message_id, ?result, "delivered");
-        }
-        Settlement::Fail | Settlement::HandBack => {
-            entry.status.record_failed();
-            let reason = match result {
-                PostResult::Status(code) => format!("target answered {code}"),
-                PostResult::Timeout => "target timed out".to_string(),
-                PostResult::Network(e) => format!("target unreachable: {e}"),
-            };
-            tracing::warn!(message_id, %reason, "delivery failed; handing the message back");
-            entry.status.set_last_error(reason);
-        }
+async fn settle(
+    entry: &Entry,
+    link: &mut AmqpLink,
+    joined: Result<Finished, tokio::task::JoinError>,
+) -> Result<(), LinkError> {
+    entry.status.add_in_flight(-1);
+    match joined {
+        Ok((info, settlement)) => link.settle(info, settlement).await,
+        // The message's DeliveryInfo went down with the task; only a new link returns it.
+        Err(e) => Err(LinkError::Task(e.to_string())),
     }
-    settlement
 }

@@ -9,6 +9,19 @@ use common::*;
 use fe2o3_amqp::types::messaging::{ApplicationProperties, Message, Properties};
 use serde_json::json;
 
+/// Enrolls with no local retries and no breaker: every failed POST goes straight back to
+/// the broker, which is what these tests are about.
+async fn enroll_handing_back_at_once(api: &Api, queue: &str, target: &str) -> String {
+    let e = api
+        .enroll(json!({
+            "queue": address(queue),
+            "target_url": target,
+            "delivery": {"retry": {"max_attempts": 1}, "circuit_breaker": {"failure_threshold": 0}}
+        }))
+        .await;
+    e["id"].as_str().expect("id").to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_messages_arrive_once_each_in_order() {
     let mgmt = Management::new();
@@ -65,7 +78,7 @@ async fn failing_target_sends_the_message_to_the_dead_letter_queue_after_the_lim
     target.set_status(503);
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = daemon.api.enroll_queue(&queue, &target.url()).await;
+    let id = enroll_handing_back_at_once(&daemon.api, &queue, &target.url()).await;
 
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("doomed", 0..1).await;
@@ -98,7 +111,7 @@ async fn nothing_is_lost_while_the_target_refuses_connections() {
     let mut target = Target::start().await;
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = daemon.api.enroll_queue(&queue, &target.url()).await;
+    let id = enroll_handing_back_at_once(&daemon.api, &queue, &target.url()).await;
     daemon
         .api
         .wait_state(&id, "active", Duration::from_secs(20))
@@ -195,17 +208,8 @@ async fn delete_hands_back_the_message_in_flight() {
     let mgmt = Management::new();
     let queue = unique("inflight");
     mgmt.declare_classic(&queue).await;
-    // A target that accepts the connection and never answers.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let silent_url = format!("http://{}/hook", silent.local_addr().expect("addr"));
-    let accepted = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            held.push(socket);
-        }
-    });
+    let silent = HangingTarget::start().await;
+    let silent_url = silent.url.clone();
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
     let id = daemon.api.enroll_queue(&queue, &silent_url).await;
@@ -237,7 +241,7 @@ async fn delete_hands_back_the_message_in_flight() {
         },
     )
     .await;
-    accepted.abort();
+    drop(silent);
     publisher.close().await;
     daemon.stop().await;
     mgmt.delete_queue(&queue).await;

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -264,6 +264,9 @@ impl Received {
 struct TargetState {
     received: Arc<Mutex<Vec<Received>>>,
     status: Arc<AtomicU16>,
+    delay_ms: Arc<AtomicU64>,
+    current: Arc<AtomicUsize>,
+    max_concurrent: Arc<AtomicUsize>,
 }
 
 /// A recording HTTP target on 127.0.0.1 that answers with a settable status and can be
@@ -312,6 +315,18 @@ impl Target {
         self.state.status.store(status, Ordering::SeqCst);
     }
 
+    /// Makes every answer wait this long.
+    pub fn set_delay(&self, delay: Duration) {
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// The most requests that were open at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.state.max_concurrent.load(Ordering::SeqCst)
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.state.received.lock().expect("lock").clone()
     }
@@ -350,6 +365,13 @@ impl Target {
 }
 
 async fn record(State(state): State<TargetState>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let now_open = state.current.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_concurrent.fetch_max(now_open, Ordering::SeqCst);
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    state.current.fetch_sub(1, Ordering::SeqCst);
     let status = state.status.load(Ordering::SeqCst);
     state.received.lock().expect("lock").push(Received {
         headers,
@@ -518,4 +540,30 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// A target that accepts TCP connections and never answers.
+pub struct HangingTarget {
+    pub url: String,
+    task: JoinHandle<()>,
+}
+
+impl HangingTarget {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        Self { url, task }
+    }
+}
+
+impl Drop for HangingTarget {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
