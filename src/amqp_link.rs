@@ -49,7 +49,7 @@ impl FromStr for FailureOutcomePolicy {
 }
 
 /// How a message whose POST failed goes back to the broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureOutcome {
     /// `released`: redelivered; RabbitMQ quorum queues count it toward `x-delivery-limit`.
@@ -136,6 +136,8 @@ pub struct AmqpLink {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settlement {
     Accept,
+    /// The target's answer is in `drop_on`: accepted, counted as dropped.
+    Drop,
     /// The POST failed: the link's failure outcome.
     Fail,
     /// The target's answer is in `reject_on`: `rejected`, which dead-letters at once.
@@ -296,7 +298,7 @@ impl AmqpLink {
         settlement: Settlement,
     ) -> Result<(), LinkError> {
         match (settlement, self.failure_outcome) {
-            (Settlement::Accept, _) => self.receiver.accept(delivery).await?,
+            (Settlement::Accept | Settlement::Drop, _) => self.receiver.accept(delivery).await?,
             (Settlement::Reject(reason), _) => {
                 let error = definitions::Error::new(
                     definitions::AmqpError::NotAllowed,

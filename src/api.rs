@@ -1,35 +1,50 @@
-//! The HTTP API: enrollment routes, health, and the one error type whose `IntoResponse` maps
-//! every failure to a status and a JSON `{"error": ...}` body. Internal details are logged,
-//! never returned.
+//! The HTTP API: the router (enrollment routes, operations routes, the dashboard and docs
+//! pages), its OpenAPI document generated from the handlers' annotations, and the one error
+//! type whose `IntoResponse` maps every failure to a status and a JSON `{"error": ...}` body.
+//! Internal details are logged, never returned.
 
-use std::time::Duration;
+mod enrollments;
+mod ops;
+mod security;
 
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
-use bytes::Bytes;
+use serde::Serialize;
 use serde_json::json;
-use uuid::Uuid;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::enrollment::{EnrollmentError, NewEnrollment};
-use crate::registry::{Created, Registry};
+use crate::enrollment::EnrollmentError;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
 use crate::store::StoreError;
 use crate::supervisor::Supervisor;
 
+pub use security::ApiSecurity;
+use security::BearerScheme;
+
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// How long DELETE waits for the worker to hand back its message and close its link before
-/// answering, so that no POST for the enrollment starts after the answer.
-const DELETE_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Registry,
     pub supervisor: Supervisor,
+    pub metrics: Metrics,
+    pub security: Arc<ApiSecurity>,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What is wrong, naming the field at fault where there is one.
+    pub error: String,
 }
 
 /// Every way a request can fail.
@@ -43,10 +58,14 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("request body is larger than {MAX_BODY_BYTES} bytes")]
     PayloadTooLarge,
+    #[error("missing or wrong API token: send `Authorization: Bearer <API_TOKEN>`")]
+    Unauthorized,
     #[error("{0}")]
     NotFound(String),
     #[error("method not allowed on this path")]
     MethodNotAllowed,
+    #[error("too many requests from this client; retry in a minute")]
+    TooManyRequests,
     #[error("the daemon is shutting down")]
     ShuttingDown,
     #[error("the enrollment store is unavailable")]
@@ -60,8 +79,10 @@ impl ApiError {
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Self::ShuttingDown | Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -81,121 +102,71 @@ impl IntoResponse for ApiError {
         if let Self::Store(e) = &self {
             tracing::error!(error = %e, "store write failed");
         }
-        (self.status(), Json(json!({ "error": self.to_string() }))).into_response()
+        let mut response =
+            (self.status(), Json(json!({ "error": self.to_string() }))).into_response();
+        if matches!(self, Self::Unauthorized) {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "hot-potato",
+        description = "Pushes messages from an AMQP 1.0 broker to HTTP services. When API_TOKEN is set, \
+every route except /health, /ready, the / and /docs pages and (unless METRICS_REQUIRE_TOKEN) /metrics \
+requires `Authorization: Bearer <token>`."
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&BearerScheme)
+)]
+struct ApiDoc;
+
+fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(enrollments::enroll))
+        .routes(routes!(enrollments::unenroll))
+        .routes(routes!(enrollments::list))
+        .routes(routes!(enrollments::show))
+        .routes(routes!(enrollments::pause))
+        .routes(routes!(enrollments::resume))
+        .routes(routes!(ops::health))
+        .routes(routes!(ops::ready))
+        .routes(routes!(ops::stats))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::openapi_json))
+        .routes(routes!(ops::dashboard))
+        .routes(routes!(ops::docs))
+        .split_for_parts()
+}
+
+/// The OpenAPI document of every route the router serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    parts().1
 }
 
 /// The whole API; tests can drive it with `tower::ServiceExt::oneshot` or a real listener.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/enroll", post(enroll))
-        .route("/enroll/{id}", delete(unenroll))
-        .route("/enrollments", get(list))
-        .route("/enrollments/{id}", get(show))
+    let (routes, _) = parts();
+    let cors = state.security.cors_layer();
+    let mut app = routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            security::guard,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
-}
-
-async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({
-        "status": if state.supervisor.is_shutting_down() { "stopping" } else { "ok" },
-        "enrollments": state.registry.len(),
-        "version": env!("CARGO_PKG_VERSION"),
-    }))
-}
-
-fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
-        return false;
-    };
-    let Ok(value) = value.to_str() else {
-        return false;
-    };
-    let essence = value
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
-}
-
-async fn enroll(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    if state.supervisor.is_shutting_down() {
-        return Err(ApiError::ShuttingDown);
+        .with_state(state);
+    if let Some(cors) = cors {
+        app = app.layer(cors);
     }
-    if !is_json(&headers) {
-        return Err(ApiError::UnsupportedMediaType);
-    }
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge
-        } else {
-            ApiError::BadRequest(format!("cannot read the request body: {rejection}"))
-        }
-    })?;
-    let value: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
-    let new = NewEnrollment::from_json(value)?;
-    state
-        .registry
-        .check_target(&new.target_url)
-        .map_err(ApiError::Unprocessable)?;
-    let (created, entry) = state.registry.create(new).await?;
-    let status = match created {
-        Created::New => StatusCode::CREATED,
-        Created::Existing => StatusCode::OK,
-    };
-    Ok((status, Json(entry.view())).into_response())
-}
-
-fn no_enrollment(id: &str) -> ApiError {
-    ApiError::NotFound(format!("no enrollment with id {id}"))
-}
-
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    // An id that is not a UUID names no enrollment: 404, like any other unknown id.
-    Uuid::parse_str(raw).map_err(|_| no_enrollment(raw))
-}
-
-async fn unenroll(
-    State(state): State<AppState>,
-    Path(raw): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    if state.supervisor.is_shutting_down() {
-        return Err(ApiError::ShuttingDown);
-    }
-    let id = parse_id(&raw)?;
-    let exit = state
-        .registry
-        .delete(id)
-        .await?
-        .ok_or_else(|| no_enrollment(&raw))?;
-    if !exit.wait(DELETE_WAIT).await {
-        tracing::warn!(enrollment_id = %id, "worker still closing its link after DELETE answered");
-    }
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn list(State(state): State<AppState>) -> impl IntoResponse {
-    Json(state.registry.list())
-}
-
-async fn show(
-    State(state): State<AppState>,
-    Path(raw): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    let id = parse_id(&raw)?;
-    let entry = state.registry.get(id).ok_or_else(|| no_enrollment(&raw))?;
-    Ok(Json(entry.view()))
+    app
 }
 
 async fn method_not_allowed() -> ApiError {

@@ -77,6 +77,16 @@ struct RawConfig {
     breaker_open_ms: u64,
     #[serde(default)]
     target_allowlist: Option<String>,
+    #[serde(default)]
+    api_token: Option<String>,
+    #[serde(default)]
+    metrics_require_token: bool,
+    #[serde(default = "default_true")]
+    metrics_per_enrollment: bool,
+    #[serde(default)]
+    cors_origins: Option<String>,
+    #[serde(default = "default_api_rate_limit_per_min")]
+    api_rate_limit_per_min: u32,
 }
 
 fn default_amqp_url() -> String {
@@ -124,6 +134,9 @@ fn default_retry_base_ms() -> u64 {
 }
 fn default_retry_max_ms() -> u64 {
     30_000
+}
+fn default_api_rate_limit_per_min() -> u32 {
+    120
 }
 fn default_true() -> bool {
     true
@@ -178,6 +191,16 @@ pub struct Config {
     pub delivery_defaults: DeliveryDefaults,
     /// `TARGET_ALLOWLIST`; empty admits every target outside the guarded ranges.
     pub target_allowlist: TargetAllowlist,
+    /// Bearer token the API requires; `None` leaves the API open (bind to loopback then).
+    pub api_token: Option<String>,
+    /// Whether `/metrics` requires the token too.
+    pub metrics_require_token: bool,
+    /// Whether per-message metrics carry an `enrollment_id` label.
+    pub metrics_per_enrollment: bool,
+    /// Origins allowed to call the API from a browser; none by default.
+    pub cors_origins: Vec<String>,
+    /// Mutating requests allowed per client IP per minute; 0 turns the limit off.
+    pub api_rate_limit_per_min: u32,
 }
 
 impl Config {
@@ -281,6 +304,30 @@ impl Config {
         let target_allowlist =
             TargetAllowlist::parse(raw.target_allowlist.as_deref().unwrap_or(""))
                 .map_err(|e| invalid("TARGET_ALLOWLIST", e))?;
+        let api_token = raw.api_token.filter(|t| !t.is_empty());
+        if api_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(invalid("API_TOKEN", "must be at least 16 characters"));
+        }
+        let mut cors_origins = Vec::new();
+        for origin in raw
+            .cors_origins
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let parsed = Url::parse(origin)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.path() == "/");
+            if parsed.is_none() || axum::http::HeaderValue::from_str(origin).is_err() {
+                return Err(invalid(
+                    "CORS_ORIGINS",
+                    format!("`{origin}` is not an origin such as https://ops.example.com"),
+                ));
+            }
+            cors_origins.push(origin.trim_end_matches('/').to_string());
+        }
         let delivery_defaults = DeliveryDefaults {
             max_in_flight: raw.delivery_max_in_flight,
             timeout: Duration::from_millis(raw.delivery_timeout_ms),
@@ -310,6 +357,11 @@ impl Config {
             amqp_connect_timeout: Duration::from_millis(raw.amqp_connect_timeout_ms),
             delivery_defaults,
             target_allowlist,
+            api_token,
+            metrics_require_token: raw.metrics_require_token,
+            metrics_per_enrollment: raw.metrics_per_enrollment,
+            cors_origins,
+            api_rate_limit_per_min: raw.api_rate_limit_per_min,
         })
     }
 
@@ -347,6 +399,11 @@ impl fmt::Debug for Config {
             .field("amqp_connect_timeout", &self.amqp_connect_timeout)
             .field("delivery_defaults", &self.delivery_defaults)
             .field("target_allowlist", &self.target_allowlist)
+            .field("api_token", &self.api_token.as_ref().map(|_| "***"))
+            .field("metrics_require_token", &self.metrics_require_token)
+            .field("metrics_per_enrollment", &self.metrics_per_enrollment)
+            .field("cors_origins", &self.cors_origins)
+            .field("api_rate_limit_per_min", &self.api_rate_limit_per_min)
             .finish()
     }
 }
@@ -396,7 +453,12 @@ mod tests {
 
     #[test]
     fn debug_output_hides_the_broker_password() {
-        let c = cfg(&[("AMQP_URL", "amqp://guest:s3cret@localhost:5672")]).expect("valid");
+        let c = cfg(&[
+            ("AMQP_URL", "amqp://guest:s3cret@localhost:5672"),
+            ("API_TOKEN", "t0ken-t0ken-t0ken-x"),
+        ])
+        .expect("valid");
+        assert!(!format!("{c:?}").contains("t0ken"));
         let shown = format!("{c:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("guest"));

@@ -18,6 +18,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::amqp_link::Settlement;
 use crate::breaker::{BreakerState, CircuitBreaker, Health, Permit};
+use crate::metrics::{Metrics, status_class};
 use crate::policy::{DeliveryPolicy, Verdict, verdict};
 use crate::registry::{EnrollmentStatus, Entry};
 use crate::signing;
@@ -40,6 +41,8 @@ pub struct PushRequest {
     pub headers: HeaderMap,
     /// Kept for logs; never the body.
     pub message_id: Option<String>,
+    /// The message's creation-time (epoch ms), for the end-to-end age metric.
+    pub created_at_ms: Option<i64>,
 }
 
 impl PushRequest {
@@ -104,6 +107,9 @@ impl PushRequest {
             body,
             headers,
             message_id,
+            created_at_ms: props
+                .and_then(|p| p.creation_time.as_ref())
+                .map(|t| t.milliseconds()),
         }
     }
 }
@@ -278,6 +284,17 @@ pub async fn post(
     }
 }
 
+/// Time since an epoch-milliseconds instant; `None` for one in the future (clock skew).
+fn age_since(created_ms: i64) -> Option<Duration> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_millis() as i64;
+    u64::try_from(now_ms - created_ms)
+        .ok()
+        .map(Duration::from_millis)
+}
+
 /// `Retry-After` as delay-seconds or an HTTP date.
 fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
@@ -314,10 +331,12 @@ pub struct Dispatcher {
     pub breaker: CircuitBreaker,
     limiter: Option<DefaultDirectRateLimiter>,
     status: Arc<EnrollmentStatus>,
+    enrollment_id: Uuid,
+    metrics: Metrics,
 }
 
 impl Dispatcher {
-    pub fn new(http: reqwest::Client, entry: &Entry) -> Self {
+    pub fn new(http: reqwest::Client, entry: &Entry, metrics: Metrics) -> Self {
         let policy = entry.policy.clone();
         let limiter = policy.rate_limit_per_sec.and_then(|rate| {
             Quota::with_period(Duration::from_secs_f64(1.0 / rate)).map(RateLimiter::direct)
@@ -333,6 +352,8 @@ impl Dispatcher {
             breaker: CircuitBreaker::new(policy.circuit_breaker),
             limiter,
             status: Arc::clone(&entry.status),
+            enrollment_id: entry.enrollment.id,
+            metrics,
             policy,
         }
     }
@@ -392,7 +413,7 @@ impl Dispatcher {
                     self.breaker.abandon(permit);
                     return Settlement::HandBack;
                 }
-                result = post(&self.http, &self.target_url, request, headers, self.policy.timeout()) => result,
+                result = self.timed_post(request, headers) => result,
             };
             if permit == Permit::Normal {
                 counted_attempts += 1;
@@ -409,12 +430,15 @@ impl Dispatcher {
             match verdict {
                 Verdict::Success => {
                     self.status.record_delivered();
+                    if let Some(age) = request.created_at_ms.and_then(age_since) {
+                        self.metrics.message_age(age);
+                    }
                     return Settlement::Accept;
                 }
                 Verdict::Drop => {
                     self.status.record_dropped();
                     tracing::info!(message_id, result = %result.describe(), "dropped: answer is in drop_on");
-                    return Settlement::Accept;
+                    return Settlement::Drop;
                 }
                 Verdict::Reject => {
                     let reason = result.describe();
@@ -444,6 +468,7 @@ impl Dispatcher {
                             self.policy.retry.delay(counted_attempts, fastrand::f64())
                         });
                     self.status.record_retry();
+                    self.metrics.retry();
                     tracing::debug!(message_id, attempt = counted_attempts, delay_ms = delay.as_millis() as u64, result = %result.describe(), "retrying");
                     tokio::select! {
                         biased;
@@ -453,6 +478,22 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    async fn timed_post(&self, request: &PushRequest, headers: HeaderMap) -> PostResult {
+        let started = std::time::Instant::now();
+        let result = post(
+            &self.http,
+            &self.target_url,
+            request,
+            headers,
+            self.policy.timeout(),
+        )
+        .await;
+        let class = status_class(result.code(), result == PostResult::Timeout);
+        self.metrics
+            .post_attempt(self.enrollment_id, class, started.elapsed());
+        result
     }
 
     fn fail(&self, message_id: &str, result: &PostResult) -> Settlement {

@@ -23,11 +23,14 @@ pub struct Enrollment {
     /// Delivery settings as given; the daemon's defaults fill the rest when a worker starts.
     #[serde(default)]
     pub delivery: DeliverySettings,
+    /// Paused through the API; survives restarts.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// Options of the AMQP source. Absent keys are `None` so that the stored JSON and the API
 /// answer show exactly what the user asked for.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SubscriptionArgs {
     /// Durable source terminus (`unsettled-state`, expiry `never`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -16,7 +16,9 @@
 //! - [`signing`]: static headers, credentials and Standard Webhooks signatures.
 //! - [`allowlist`]: `TARGET_ALLOWLIST` and the guarded link-local/metadata ranges.
 //! - [`backoff`]: capped exponential backoff with jitter.
-//! - [`api`]: the HTTP API and its error mapping.
+//! - [`api`]: the HTTP API (enrollments, operations, pages, OpenAPI), its security and its
+//!   error mapping.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`demo_receiver`]: a small HTTP receiver for walkthroughs and local trials.
 
 pub mod allowlist;
@@ -28,6 +30,7 @@ pub mod config;
 pub mod delivery;
 pub mod demo_receiver;
 pub mod enrollment;
+pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod signing;
@@ -43,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp_link::BrokerSettings;
 use crate::backoff::BackoffSettings;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::{Store, StoreError};
 use crate::supervisor::Supervisor;
@@ -77,6 +81,7 @@ pub async fn run(
         // 2xx; a 3xx is an answer like any other non-2xx.
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
+    let metrics = Metrics::new(config.metrics_per_enrollment);
     let ctx = WorkerContext {
         broker: BrokerSettings {
             url: config.amqp_url.clone(),
@@ -89,6 +94,7 @@ pub async fn run(
             min: config.reconnect_min,
             max: config.reconnect_max,
         },
+        metrics: metrics.clone(),
     };
     let token = CancellationToken::new();
     let supervisor = Supervisor::new(ctx, token.clone());
@@ -113,10 +119,24 @@ pub async fn run(
         broker = %config.amqp_url_redacted(),
         "serving the API"
     );
+    if config.api_token.is_none() {
+        tracing::warn!(
+            "API_TOKEN is not set: the API is open to anyone who can reach {}; keep HTTP_HOST on a loopback address",
+            config.http_host
+        );
+    }
     let app = api::router(api::AppState {
         registry,
         supervisor: supervisor.clone(),
+        metrics,
+        security: std::sync::Arc::new(api::ApiSecurity::new(
+            config.api_token.clone(),
+            config.metrics_require_token,
+            config.cors_origins.clone(),
+            config.api_rate_limit_per_min,
+        )),
     });
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(token.clone().cancelled_owned())
         .await;

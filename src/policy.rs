@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::enrollment::EnrollmentError;
 
 /// The `delivery` object as the user sent it; absent fields take the daemon's defaults.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeliverySettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -39,7 +39,7 @@ pub struct DeliverySettings {
     pub signing: Option<Signing>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -54,7 +54,7 @@ pub struct RetryInput {
     pub jitter: Option<bool>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerInput {
     /// Consecutive failed POSTs that open the breaker; 0 turns it off.
@@ -64,7 +64,7 @@ pub struct BreakerInput {
     pub open_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BackoffKind {
     Fixed,
@@ -85,7 +85,7 @@ impl FromStr for BackoffKind {
 }
 
 /// Credentials for the target. Stored and used; shown only redacted.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Auth {
     Bearer { token: String },
@@ -105,7 +105,7 @@ impl fmt::Debug for Auth {
 
 /// Standard Webhooks signing key. A `whsec_` prefix marks a base64 key (the spec's form);
 /// any other string is used as raw bytes.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Signing {
     pub secret: String,
@@ -171,6 +171,21 @@ impl FromStr for StatusPattern {
     }
 }
 
+impl utoipa::PartialSchema for StatusPattern {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::Integer))
+            .item(ObjectBuilder::new().schema_type(Type::String))
+            .description(Some(
+                "An HTTP status code (404 or \"404\"), an inclusive range (\"500-599\") or a class (\"5xx\")",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for StatusPattern {}
+
 impl Serialize for StatusPattern {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         if self.low == self.high {
@@ -213,7 +228,7 @@ pub struct DeliveryDefaults {
 pub const MAX_IN_FLIGHT: u32 = 1_000;
 pub const MAX_ATTEMPTS: u32 = 100;
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct RetryPolicy {
     pub max_attempts: u32,
     pub backoff: BackoffKind,
@@ -247,7 +262,7 @@ impl RetryPolicy {
 }
 
 /// The effective delivery policy of one enrollment.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct DeliveryPolicy {
     pub max_in_flight: u32,
     pub timeout_ms: u64,
@@ -262,7 +277,7 @@ pub struct DeliveryPolicy {
     pub signing: Option<Signing>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct BreakerPolicy {
     pub failure_threshold: u32,
     pub open_ms: u64,

@@ -21,7 +21,7 @@ use crate::store::{Store, StoreError};
 use crate::supervisor::{Supervisor, WorkerExit};
 
 /// Where an enrollment's worker is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 #[repr(u8)]
 pub enum WorkerState {
@@ -29,6 +29,8 @@ pub enum WorkerState {
     Active = 1,
     Backoff = 2,
     Stopped = 3,
+    /// Paused through the API: the link is detached, messages wait in the broker.
+    Paused = 4,
 }
 
 impl WorkerState {
@@ -37,6 +39,7 @@ impl WorkerState {
             0 => Self::Connecting,
             1 => Self::Active,
             2 => Self::Backoff,
+            4 => Self::Paused,
             _ => Self::Stopped,
         }
     }
@@ -57,6 +60,61 @@ pub struct EnrollmentStatus {
     failure_outcome: Mutex<Option<FailureOutcome>>,
     last_error: Mutex<Option<(String, String)>>,
     last_success_at: Mutex<Option<String>>,
+    rate: RateWindow,
+    paused: std::sync::atomic::AtomicBool,
+}
+
+/// Deliveries per second over the last minute: 60 one-second buckets, each stamped with the
+/// second it counts, so stale buckets are recognised without a timer.
+#[derive(Debug)]
+struct RateWindow {
+    buckets: [AtomicU64; 60],
+    stamps: [AtomicU64; 60],
+}
+
+impl Default for RateWindow {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            stamps: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl RateWindow {
+    fn now_secs() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
+
+    fn record(&self) {
+        let now = Self::now_secs();
+        let i = (now % 60) as usize;
+        // Two workers never share a window (one per enrollment), so a plain check-then-reset
+        // is enough; at worst a count lands in a bucket that is reset the same second.
+        if self.stamps[i].swap(now, Ordering::Relaxed) != now {
+            self.buckets[i].store(0, Ordering::Relaxed);
+        }
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts for the last 60 whole seconds, oldest first (the current second excluded).
+    fn history(&self) -> Vec<u64> {
+        let now = Self::now_secs();
+        (1..=60)
+            .rev()
+            .map(|ago| {
+                let second = now.saturating_sub(ago);
+                let i = (second % 60) as usize;
+                if self.stamps[i].load(Ordering::Relaxed) == second {
+                    self.buckets[i].load(Ordering::Relaxed)
+                } else {
+                    0
+                }
+            })
+            .collect()
+    }
 }
 
 impl Default for EnrollmentStatus {
@@ -73,6 +131,8 @@ impl Default for EnrollmentStatus {
             failure_outcome: Mutex::new(None),
             last_error: Mutex::new(None),
             last_success_at: Mutex::new(None),
+            rate: RateWindow::default(),
+            paused: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -116,6 +176,7 @@ impl EnrollmentStatus {
     /// Accepted after a 2xx.
     pub fn record_delivered(&self) {
         bump(&self.delivered);
+        self.rate.record();
         set_slot(&self.last_success_at, Some(now_rfc3339()));
     }
     /// Handed back with the failure outcome (or released on removal).
@@ -147,6 +208,12 @@ impl EnrollmentStatus {
     pub fn failed(&self) -> u64 {
         self.failed.load(Ordering::Relaxed)
     }
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+    fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
     pub fn set_failure_outcome(&self, outcome: FailureOutcome) {
         set_slot(&self.failure_outcome, Some(outcome));
     }
@@ -170,7 +237,7 @@ pub struct Entry {
 }
 
 /// The JSON shape of an enrollment in API answers.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EnrollmentView {
     pub id: Uuid,
     pub queue: String,
@@ -239,6 +306,60 @@ impl Entry {
     }
 }
 
+/// One enrollment in `GET /stats`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EnrollmentStats {
+    pub id: Uuid,
+    pub queue: String,
+    pub target_url: String,
+    pub state: WorkerState,
+    pub breaker_state: BreakerState,
+    pub delivered: u64,
+    pub failed: u64,
+    pub retries: u64,
+    /// Rejected on a `reject_on` answer: the broker dead-letters these at once. Messages the
+    /// broker dead-letters after its own delivery limit are counted by the broker, not here.
+    pub dead_lettered: u64,
+    pub dropped: u64,
+    pub in_flight: u64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub last_success_at: Option<String>,
+    /// Mean deliveries per second over the last 60 s.
+    pub rate_per_sec_1m: f64,
+    /// Deliveries in each of the last 60 seconds, oldest first.
+    pub rate_history: Vec<u64>,
+}
+
+impl Entry {
+    pub fn stats(&self) -> EnrollmentStats {
+        let view = self.view();
+        let rate_history = self.status.rate.history();
+        let total: u64 = rate_history.iter().sum();
+        EnrollmentStats {
+            id: view.id,
+            queue: view.queue,
+            target_url: view.target_url,
+            state: view.state,
+            breaker_state: view.breaker_state,
+            delivered: view.delivered,
+            failed: view.failed,
+            retries: view.retries,
+            dead_lettered: view.rejected,
+            dropped: view.dropped,
+            in_flight: view.in_flight,
+            last_error: view.last_error,
+            last_error_at: view.last_error_at,
+            last_success_at: view.last_success_at,
+            rate_per_sec_1m: total as f64 / 60.0,
+            rate_history,
+        }
+    }
+}
+
+/// How long pause waits for the worker to finish its in-flight POSTs and detach.
+const PAUSE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Whether `create` made a new enrollment or found the existing one for that pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {
@@ -275,8 +396,11 @@ impl Registry {
         let stored = store.load_all().await?;
         let mut map = HashMap::with_capacity(stored.len());
         for enrollment in stored {
+            let paused = enrollment.paused;
             let entry = Arc::new(Entry::new(enrollment, &defaults));
+            entry.status.set_paused(paused);
             match check_target(&allowlist, &entry.enrollment.target_url) {
+                Ok(()) if paused => entry.status.set_state(WorkerState::Paused),
                 Ok(()) => supervisor.start(Arc::clone(&entry)),
                 Err(reason) => {
                     tracing::warn!(enrollment_id = %entry.enrollment.id, %reason, "not starting the worker");
@@ -336,6 +460,16 @@ impl Registry {
         entries.iter().map(|e| e.view()).collect()
     }
 
+    /// Per-enrollment stats, oldest first.
+    pub fn stats(&self) -> Vec<EnrollmentStats> {
+        let mut entries: Vec<Arc<Entry>> = self.read_map(|m| m.values().cloned().collect());
+        entries.sort_by(|a, b| {
+            (&a.enrollment.created_at, a.enrollment.id)
+                .cmp(&(&b.enrollment.created_at, b.enrollment.id))
+        });
+        entries.iter().map(|e| e.stats()).collect()
+    }
+
     pub fn get(&self, id: Uuid) -> Option<Arc<Entry>> {
         self.read_map(|m| m.get(&id).cloned())
     }
@@ -369,6 +503,7 @@ impl Registry {
             subscription_args: new.subscription_args,
             created_at: now_rfc3339(),
             delivery: new.delivery,
+            paused: false,
         };
         self.inner.store.insert(enrollment.clone()).await?;
         let entry = Arc::new(Entry::new(enrollment, &self.inner.defaults));
@@ -376,6 +511,43 @@ impl Registry {
         self.inner.supervisor.start(Arc::clone(&entry));
         tracing::info!(enrollment_id = %entry.enrollment.id, queue = %entry.enrollment.queue, "enrolled");
         Ok((Created::New, entry))
+    }
+
+    /// Pauses or resumes an enrollment: the flag is committed first, then the worker is
+    /// stopped (link detached, `closed=false`, so a durable subscription keeps its messages)
+    /// or started. `None` for an unknown id.
+    pub async fn set_paused(
+        &self,
+        id: Uuid,
+        paused: bool,
+    ) -> Result<Option<Arc<Entry>>, StoreError> {
+        let _writes = self.inner.writes.lock().await;
+        let Some(entry) = self.get(id) else {
+            return Ok(None);
+        };
+        if entry.status.paused() == paused {
+            return Ok(Some(entry));
+        }
+        self.inner.store.set_paused(id, paused).await?;
+        entry.status.set_paused(paused);
+        if paused {
+            let exit = self.inner.supervisor.stop(id);
+            if !exit.wait(PAUSE_WAIT).await {
+                tracing::warn!(enrollment_id = %id, "worker still finishing after pause answered");
+            }
+            entry.status.set_state(WorkerState::Paused);
+            tracing::info!(enrollment_id = %id, "paused");
+        } else {
+            match check_target(&self.inner.allowlist, &entry.enrollment.target_url) {
+                Ok(()) => self.inner.supervisor.start(Arc::clone(&entry)),
+                Err(reason) => {
+                    entry.status.set_state(WorkerState::Stopped);
+                    entry.status.set_last_error(reason);
+                }
+            }
+            tracing::info!(enrollment_id = %id, "resumed");
+        }
+        Ok(Some(entry))
     }
 
     /// Deletes an enrollment and stops its worker, closing its link. `None` for an unknown id.

@@ -14,6 +14,7 @@ use crate::enrollment::{Enrollment, SubscriptionArgs};
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_create_enrollments.sql"),
     include_str!("../migrations/0002_add_delivery_settings.sql"),
+    include_str!("../migrations/0003_add_paused.sql"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +83,7 @@ impl Store {
     pub async fn load_all(&self) -> Result<Vec<Enrollment>, StoreError> {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT id, queue, target_url, subscription_args, created_at, delivery
+                "SELECT id, queue, target_url, subscription_args, created_at, delivery, paused
                  FROM enrollments ORDER BY created_at, id",
             )?;
             let rows = stmt.query_map([], |row| {
@@ -93,11 +94,12 @@ impl Store {
                     row.get::<_, String>(3)?,
                     row.get::<_, String>(4)?,
                     row.get::<_, String>(5)?,
+                    row.get::<_, bool>(6)?,
                 ))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (id, queue, target_url, args, created_at, delivery) = row?;
+                let (id, queue, target_url, args, created_at, delivery, paused) = row?;
                 let parsed_id = Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt {
                     id: id.clone(),
                     reason: e.to_string(),
@@ -119,6 +121,7 @@ impl Store {
                     subscription_args,
                     created_at,
                     delivery,
+                    paused,
                 });
             }
             Ok(out)
@@ -139,16 +142,29 @@ impl Store {
             let delivery = to_json(serde_json::to_string(&enrollment.delivery))?;
             conn.execute(
                 "INSERT INTO enrollments
-                     (id, queue, target_url, subscription_args, created_at, delivery)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                     (id, queue, target_url, subscription_args, created_at, delivery, paused)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     enrollment.id.to_string(),
                     enrollment.queue,
                     enrollment.target_url,
                     args,
                     enrollment.created_at,
-                    delivery
+                    delivery,
+                    enrollment.paused
                 ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records whether an enrollment is paused.
+    pub async fn set_paused(&self, id: Uuid, paused: bool) -> Result<(), StoreError> {
+        self.with_conn(move |conn| {
+            conn.execute(
+                "UPDATE enrollments SET paused = ?2 WHERE id = ?1",
+                params![id.to_string(), paused],
             )?;
             Ok(())
         })
@@ -248,6 +264,7 @@ mod tests {
                 max_in_flight: Some(4),
                 ..Default::default()
             },
+            paused: false,
         }
     }
 

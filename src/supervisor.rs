@@ -122,6 +122,20 @@ impl Supervisor {
         }
     }
 
+    /// Tells the worker of `id` to stop as on shutdown (finish in-flight POSTs, detach with
+    /// `closed=false`) and forgets it, so it can be started again. Used by pause.
+    pub fn stop(&self, id: Uuid) -> WorkerExit {
+        match self.workers().remove(&id) {
+            Some(h) => {
+                h.signals.stop.cancel();
+                WorkerExit {
+                    finished: Some(h.finished),
+                }
+            }
+            None => WorkerExit { finished: None },
+        }
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutdown.is_cancelled()
     }

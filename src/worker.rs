@@ -10,10 +10,13 @@ use fe2o3_amqp::link::delivery::DeliveryInfo;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp_link::{AmqpLink, BrokerSettings, FailureOutcomePolicy, LinkError, Settlement};
+use crate::amqp_link::{
+    AmqpLink, BrokerSettings, FailureOutcome, FailureOutcomePolicy, LinkError, Settlement,
+};
 use crate::backoff::{Backoff, BackoffSettings};
 use crate::breaker::BreakerState;
 use crate::delivery::{Dispatcher, PushRequest};
+use crate::metrics::{Metrics, OutcomeLabel};
 use crate::registry::{Entry, WorkerState};
 
 /// Everything a worker needs besides its enrollment; one shared copy for all workers.
@@ -26,6 +29,7 @@ pub struct WorkerContext {
     pub failure_policy: FailureOutcomePolicy,
     pub default_prefetch: u32,
     pub reconnect: BackoffSettings,
+    pub metrics: Metrics,
 }
 
 /// How the worker is told to end.
@@ -55,7 +59,11 @@ type Finished = (DeliveryInfo, Settlement);
 pub async fn run(ctx: WorkerContext, entry: Arc<Entry>, signals: StopSignals) {
     let status = &entry.status;
     let enrollment = &entry.enrollment;
-    let dispatcher = Arc::new(Dispatcher::new(ctx.http.clone(), &entry));
+    let dispatcher = Arc::new(Dispatcher::new(
+        ctx.http.clone(),
+        &entry,
+        ctx.metrics.clone(),
+    ));
     let max_in_flight = dispatcher.policy().max_in_flight;
     // Credit at least covers the POSTs allowed in flight, so none of them waits on the broker.
     let credit = enrollment
@@ -78,7 +86,16 @@ pub async fn run(ctx: WorkerContext, entry: Arc<Entry>, signals: StopSignals) {
                 status.set_state(WorkerState::Active);
                 tracing::info!(failure_outcome = %outcome, credit, max_in_flight, "attached");
                 let attached_at = Instant::now();
-                match receive_loop(&entry, &dispatcher, &signals, &mut link, credit).await {
+                match receive_loop(
+                    &ctx.metrics,
+                    &entry,
+                    &dispatcher,
+                    &signals,
+                    &mut link,
+                    credit,
+                )
+                .await
+                {
                     LinkEnd::Stopped => {
                         link.detach().await;
                         break;
@@ -108,11 +125,16 @@ pub async fn run(ctx: WorkerContext, entry: Arc<Entry>, signals: StopSignals) {
             _ = tokio::time::sleep(delay) => {}
         }
     }
-    status.set_state(WorkerState::Stopped);
+    status.set_state(if status.paused() {
+        WorkerState::Paused
+    } else {
+        WorkerState::Stopped
+    });
     tracing::info!("worker stopped");
 }
 
 async fn receive_loop(
+    metrics: &Metrics,
     entry: &Entry,
     dispatcher: &Arc<Dispatcher>,
     signals: &StopSignals,
@@ -140,7 +162,7 @@ async fn receive_loop(
                 break if signals.remove.is_cancelled() { LinkEnd::Removed } else { LinkEnd::Stopped };
             }
             Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
-                if let Err(e) = settle(entry, link, joined).await {
+                if let Err(e) = settle(metrics, entry, link, joined).await {
                     break LinkEnd::Failed(e);
                 }
             }
@@ -162,13 +184,18 @@ async fn receive_loop(
                     Ok(delivery) => delivery,
                     Err(e) => break LinkEnd::Failed(e),
                 };
-                let delivery_count = delivery.message().header.as_ref().map_or(0, |h| h.delivery_count);
+                let header = delivery.message().header.as_ref();
+                let delivery_count = header.map_or(0, |h| h.delivery_count);
+                if delivery_count > 0 || header.is_some_and(|h| !h.first_acquirer) {
+                    metrics.redelivery();
+                }
                 let (info, message) = delivery.into_parts();
                 let request = PushRequest::from_message(&message, entry.enrollment.id, delivery_count);
                 drop(message);
                 let dispatcher = Arc::clone(dispatcher);
                 let signals = signals.clone();
                 entry.status.add_in_flight(1);
+                metrics.in_flight(1);
                 in_flight.spawn(async move {
                     let settlement = dispatcher.deliver(&request, &signals).await;
                     (info, settlement)
@@ -186,9 +213,10 @@ async fn receive_loop(
     while let Some(joined) = in_flight.join_next().await {
         if matches!(end, LinkEnd::Failed(_)) {
             entry.status.add_in_flight(-1);
+            metrics.in_flight(-1);
             continue;
         }
-        if let Err(e) = settle(entry, link, joined).await {
+        if let Err(e) = settle(metrics, entry, link, joined).await {
             tracing::debug!(error = %e, "settling while stopping failed");
         }
     }
@@ -196,13 +224,28 @@ async fn receive_loop(
 }
 
 async fn settle(
+    metrics: &Metrics,
     entry: &Entry,
     link: &mut AmqpLink,
     joined: Result<Finished, tokio::task::JoinError>,
 ) -> Result<(), LinkError> {
     entry.status.add_in_flight(-1);
+    metrics.in_flight(-1);
     match joined {
-        Ok((info, settlement)) => link.settle(info, settlement).await,
+        Ok((info, settlement)) => {
+            let outcome = match (&settlement, link.failure_outcome()) {
+                (Settlement::Accept, _) => OutcomeLabel::Accepted,
+                (Settlement::Drop, _) => OutcomeLabel::Dropped,
+                (Settlement::Reject(_), _) => OutcomeLabel::Rejected,
+                (Settlement::HandBack, _) | (Settlement::Fail, FailureOutcome::Released) => {
+                    OutcomeLabel::Released
+                }
+                (Settlement::Fail, FailureOutcome::Modified) => OutcomeLabel::Modified,
+            };
+            link.settle(info, settlement).await?;
+            metrics.delivery(entry.enrollment.id, outcome);
+            Ok(())
+        }
         // The message's DeliveryInfo went down with the task; only a new link returns it.
         Err(e) => Err(LinkError::Task(e.to_string())),
     }

@@ -1,0 +1,178 @@
+//! Operations routes: liveness, readiness, per-enrollment stats, Prometheus metrics, the
+//! OpenAPI document, and the embedded dashboard and docs pages.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use serde::Serialize;
+
+use super::{AppState, ErrorBody};
+use crate::registry::{EnrollmentStats, WorkerState};
+
+const DASHBOARD_HTML: &str = include_str!("../dashboard/index.html");
+const DOCS_HTML: &str = include_str!("../dashboard/docs.html");
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok`, or `stopping` during shutdown.
+    status: &'static str,
+    enrollments: usize,
+    version: &'static str,
+}
+
+/// Liveness: the process serves. Never needs the token.
+#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, body = Health)))]
+pub async fn health(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: if state.supervisor.is_shutting_down() {
+            "stopping"
+        } else {
+            "ok"
+        },
+        enrollments: state.registry.len(),
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    ready: bool,
+    store_writable: bool,
+    /// Why the daemon is not ready (empty when it is).
+    reasons: Vec<String>,
+    /// Enrollments that are not active, with the reason each shows.
+    not_active: Vec<NotActive>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct NotActive {
+    id: String,
+    state: WorkerState,
+    reason: Option<String>,
+}
+
+/// Readiness: the store takes writes, and every enrollment's worker is active, paused, or
+/// shows why it is not (a worker still connecting without an error yet is not ready). Never
+/// needs the token.
+#[utoipa::path(
+    get, path = "/ready", tag = "operations",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness))
+)]
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let mut reasons = Vec::new();
+    let store_writable = match state.registry.store().check_writable().await {
+        Ok(()) => true,
+        Err(e) => {
+            reasons.push(format!("store not writable: {e}"));
+            false
+        }
+    };
+    if state.supervisor.is_shutting_down() {
+        reasons.push("shutting down".into());
+    }
+    let mut not_active = Vec::new();
+    for e in state.registry.list() {
+        if matches!(e.state, WorkerState::Active | WorkerState::Paused) {
+            continue;
+        }
+        if e.last_error.is_none() {
+            reasons.push(format!(
+                "enrollment {} is {:?} with no reason yet",
+                e.id, e.state
+            ));
+        }
+        not_active.push(NotActive {
+            id: e.id.to_string(),
+            state: e.state,
+            reason: e.last_error,
+        });
+    }
+    let body = Readiness {
+        ready: reasons.is_empty(),
+        store_writable,
+        reasons,
+        not_active,
+    };
+    let status = if body.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Stats {
+    enrollments: Vec<EnrollmentStats>,
+    totals: Totals,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Totals {
+    enrollments: usize,
+    delivered: u64,
+    failed: u64,
+}
+
+/// Per-enrollment counters, states and the delivery rate over the last minute.
+#[utoipa::path(
+    get, path = "/stats", tag = "operations",
+    responses((status = 200, body = Stats), (status = 401, description = "Missing or wrong API token", body = ErrorBody))
+)]
+pub async fn stats(State(state): State<AppState>) -> Json<Stats> {
+    let enrollments = state.registry.stats();
+    let totals = Totals {
+        enrollments: enrollments.len(),
+        delivered: enrollments.iter().map(|e| e.delivered).sum(),
+        failed: enrollments.iter().map(|e| e.failed).sum(),
+    };
+    Json(Stats {
+        enrollments,
+        totals,
+    })
+}
+
+/// Prometheus text exposition. Needs the token only with `METRICS_REQUIRE_TOKEN=true`.
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
+)]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render(&state.registry.list());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// This document.
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "OpenAPI 3 document", body = Object))
+)]
+pub async fn openapi_json() -> Response {
+    Json(super::openapi()).into_response()
+}
+
+/// The dashboard page. Static: it holds no data and asks for the token itself.
+#[utoipa::path(
+    get, path = "/", tag = "pages",
+    responses((status = 200, description = "HTML page", content_type = "text/html", body = String))
+)]
+pub async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD_HTML)
+}
+
+/// The API docs page, rendered from `/openapi.json`.
+#[utoipa::path(
+    get, path = "/docs", tag = "pages",
+    responses((status = 200, description = "HTML page", content_type = "text/html", body = String))
+)]
+pub async fn docs() -> Html<&'static str> {
+    Html(DOCS_HTML)
+}

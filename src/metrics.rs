@@ -1,0 +1,298 @@
+//! Prometheus metrics: the counters and histograms workers update per message, and the gauges
+//! computed from the enrollment map at scrape time. Names follow
+//! `hot_potato_<name>_<unit>[_total]`; labels have few values. The `enrollment_id` label on
+//! the per-message counters is bounded by the number of enrollments and can be turned off
+//! with `METRICS_PER_ENROLLMENT=false` for large fleets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use uuid::Uuid;
+
+use crate::breaker::BreakerState;
+use crate::registry::{EnrollmentView, WorkerState};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    outcome: &'static str,
+    enrollment_id: Option<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    status_class: &'static str,
+    enrollment_id: Option<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// What the broker was told about one message, as a label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeLabel {
+    Accepted,
+    Released,
+    Modified,
+    Rejected,
+    Dropped,
+}
+
+impl OutcomeLabel {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Released => "released",
+            Self::Modified => "modified",
+            Self::Rejected => "rejected",
+            Self::Dropped => "dropped",
+        }
+    }
+}
+
+/// The class of one POST's result.
+pub fn status_class(code: Option<u16>, timed_out: bool) -> &'static str {
+    match code {
+        Some(100..=199) => "1xx",
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(_) => "5xx",
+        None if timed_out => "timeout",
+        None => "network",
+    }
+}
+
+/// Cheap to clone: every field is a handle to shared atomics.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    per_enrollment: bool,
+    deliveries: Family<DeliveryLabels, Counter>,
+    post_attempts: Family<AttemptLabels, Counter>,
+    retries: Counter,
+    redeliveries: Counter,
+    post_duration: Histogram,
+    message_age: Histogram,
+    in_flight: Gauge,
+    workers: Family<StateLabels, Gauge>,
+    breakers: Family<StateLabels, Gauge>,
+    broker_links_up: Gauge,
+    enrollments: Gauge,
+}
+
+impl Metrics {
+    pub fn new(per_enrollment: bool) -> Self {
+        let mut registry = Registry::with_prefix("hot_potato");
+        let deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "deliveries",
+            "Messages settled, by what the broker was told",
+            deliveries.clone(),
+        );
+        let post_attempts = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "post_attempts",
+            "POSTs made, by status class (network and timeout when no answer came)",
+            post_attempts.clone(),
+        );
+        let retries = Counter::default();
+        registry.register(
+            "retries",
+            "Local retries after a retry-class answer",
+            retries.clone(),
+        );
+        let redeliveries = Counter::default();
+        registry.register(
+            "redeliveries",
+            "Messages received that the broker had delivered before (delivery count > 0 or not first acquirer)",
+            redeliveries.clone(),
+        );
+        let post_duration = Histogram::new(exponential_buckets(0.000_5, 2.0, 16));
+        registry.register_with_unit(
+            "post_duration",
+            "Duration of one POST, connect to last body byte",
+            Unit::Seconds,
+            post_duration.clone(),
+        );
+        let message_age = Histogram::new(exponential_buckets(0.001, 2.0, 20));
+        registry.register_with_unit(
+            "message_age",
+            "Age of an accepted message (now minus its creation-time), for messages that carry one",
+            Unit::Seconds,
+            message_age.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight",
+            "Messages in hand, being delivered",
+            in_flight.clone(),
+        );
+        let workers = Family::<StateLabels, Gauge>::default();
+        registry.register("workers", "Enrollment workers by state", workers.clone());
+        let breakers = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "circuit_breakers",
+            "Enrollments by circuit-breaker state",
+            breakers.clone(),
+        );
+        let broker_links_up = Gauge::default();
+        registry.register(
+            "broker_links_up",
+            "Enrollments whose broker connection and link are up",
+            broker_links_up.clone(),
+        );
+        let enrollments = Gauge::default();
+        registry.register("enrollments", "Enrollments in the map", enrollments.clone());
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                per_enrollment,
+                deliveries,
+                post_attempts,
+                retries,
+                redeliveries,
+                post_duration,
+                message_age,
+                in_flight,
+                workers,
+                breakers,
+                broker_links_up,
+                enrollments,
+            }),
+        }
+    }
+
+    fn enrollment_label(&self, id: Uuid) -> Option<String> {
+        self.inner.per_enrollment.then(|| id.to_string())
+    }
+
+    pub fn delivery(&self, id: Uuid, outcome: OutcomeLabel) {
+        self.inner
+            .deliveries
+            .get_or_create(&DeliveryLabels {
+                outcome: outcome.as_str(),
+                enrollment_id: self.enrollment_label(id),
+            })
+            .inc();
+    }
+
+    pub fn post_attempt(&self, id: Uuid, class: &'static str, took: Duration) {
+        self.inner
+            .post_attempts
+            .get_or_create(&AttemptLabels {
+                status_class: class,
+                enrollment_id: self.enrollment_label(id),
+            })
+            .inc();
+        self.inner.post_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn retry(&self) {
+        self.inner.retries.inc();
+    }
+
+    pub fn redelivery(&self) {
+        self.inner.redeliveries.inc();
+    }
+
+    pub fn message_age(&self, age: Duration) {
+        self.inner.message_age.observe(age.as_secs_f64());
+    }
+
+    pub fn in_flight(&self, delta: i64) {
+        self.inner.in_flight.inc_by(delta);
+    }
+
+    /// The text exposition, with the map-derived gauges brought up to date first.
+    pub fn render(&self, enrollments: &[EnrollmentView]) -> String {
+        let inner = &self.inner;
+        inner.enrollments.set(enrollments.len() as i64);
+        let states = [
+            (WorkerState::Connecting, "connecting"),
+            (WorkerState::Active, "active"),
+            (WorkerState::Backoff, "backoff"),
+            (WorkerState::Stopped, "stopped"),
+            (WorkerState::Paused, "paused"),
+        ];
+        for (state, name) in states {
+            let n = enrollments.iter().filter(|e| e.state == state).count();
+            inner
+                .workers
+                .get_or_create(&StateLabels { state: name })
+                .set(n as i64);
+        }
+        for (state, name) in [
+            (BreakerState::Closed, "closed"),
+            (BreakerState::Open, "open"),
+            (BreakerState::HalfOpen, "half_open"),
+        ] {
+            let n = enrollments
+                .iter()
+                .filter(|e| e.breaker_state == state)
+                .count();
+            inner
+                .breakers
+                .get_or_create(&StateLabels { state: name })
+                .set(n as i64);
+        }
+        let up = enrollments
+            .iter()
+            .filter(|e| e.state == WorkerState::Active)
+            .count();
+        inner.broker_links_up.set(up as i64);
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &inner.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_units_and_labels_follow_the_convention() {
+        let m = Metrics::new(true);
+        let id = Uuid::new_v4();
+        m.delivery(id, OutcomeLabel::Accepted);
+        m.post_attempt(id, status_class(Some(503), false), Duration::from_millis(3));
+        m.retry();
+        let text = m.render(&[]);
+        assert!(
+            text.contains("hot_potato_deliveries_total{outcome=\"accepted\""),
+            "{text}"
+        );
+        assert!(text.contains(&format!("enrollment_id=\"{id}\"")));
+        assert!(text.contains("hot_potato_post_attempts_total{status_class=\"5xx\""));
+        assert!(text.contains("hot_potato_post_duration_seconds_bucket"));
+        assert!(text.contains("hot_potato_retries_total 1"));
+        assert!(text.contains("hot_potato_enrollments 0"));
+
+        let fleet = Metrics::new(false);
+        fleet.delivery(id, OutcomeLabel::Dropped);
+        assert!(!fleet.render(&[]).contains(&id.to_string()));
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(Some(204), false), "2xx");
+        assert_eq!(status_class(Some(302), false), "3xx");
+        assert_eq!(status_class(Some(429), false), "4xx");
+        assert_eq!(status_class(Some(500), false), "5xx");
+        assert_eq!(status_class(None, true), "timeout");
+        assert_eq!(status_class(None, false), "network");
+    }
+}
