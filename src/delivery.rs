@@ -430,6 +430,7 @@ impl Dispatcher {
             match verdict {
                 Verdict::Success => {
                     self.status.record_delivered();
+                    tracing::debug!(message_id, outcome = "accepted", "delivered");
                     if let Some(age) = request.created_at_ms.and_then(age_since) {
                         self.metrics.message_age(age);
                     }
@@ -437,14 +438,14 @@ impl Dispatcher {
                 }
                 Verdict::Drop => {
                     self.status.record_dropped();
-                    tracing::info!(message_id, result = %result.describe(), "dropped: answer is in drop_on");
+                    tracing::info!(message_id, outcome = "dropped", result = %result.describe(), "dropped: answer is in drop_on");
                     return Settlement::Drop;
                 }
                 Verdict::Reject => {
                     let reason = result.describe();
                     self.status.record_rejected();
                     self.status.set_last_error(format!("{reason} (rejected)"));
-                    tracing::warn!(message_id, %reason, "rejected: answer is in reject_on; the broker dead-letters it");
+                    tracing::warn!(message_id, outcome = "rejected", %reason, "rejected: answer is in reject_on; the broker dead-letters it");
                     return Settlement::Reject(reason);
                 }
                 Verdict::Fail => return self.fail(message_id, &result),
@@ -500,7 +501,14 @@ impl Dispatcher {
         let reason = result.describe();
         self.status.record_failed();
         self.status.set_last_error(reason.clone());
-        tracing::warn!(message_id, %reason, "delivery failed; handing the message back");
+        let outcome = self
+            .status
+            .failure_outcome()
+            .map_or("released", |o| match o {
+                crate::amqp_link::FailureOutcome::Released => "released",
+                crate::amqp_link::FailureOutcome::Modified => "modified",
+            });
+        tracing::warn!(message_id, outcome, %reason, "delivery failed; handing the message back");
         Settlement::Fail
     }
 }

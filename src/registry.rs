@@ -539,7 +539,10 @@ impl Registry {
             tracing::info!(enrollment_id = %id, "paused");
         } else {
             match check_target(&self.inner.allowlist, &entry.enrollment.target_url) {
-                Ok(()) => self.inner.supervisor.start(Arc::clone(&entry)),
+                Ok(()) => {
+                    entry.status.set_state(WorkerState::Connecting);
+                    self.inner.supervisor.start(Arc::clone(&entry));
+                }
                 Err(reason) => {
                     entry.status.set_state(WorkerState::Stopped);
                     entry.status.set_last_error(reason);

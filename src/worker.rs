@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::amqp_link::{
     AmqpLink, BrokerSettings, FailureOutcome, FailureOutcomePolicy, LinkError, Settlement,
@@ -196,10 +197,14 @@ async fn receive_loop(
                 let signals = signals.clone();
                 entry.status.add_in_flight(1);
                 metrics.in_flight(1);
-                in_flight.spawn(async move {
-                    let settlement = dispatcher.deliver(&request, &signals).await;
-                    (info, settlement)
-                });
+                in_flight.spawn(
+                    async move {
+                        let settlement = dispatcher.deliver(&request, &signals).await;
+                        (info, settlement)
+                    }
+                    // Keeps the enrollment id and queue on the delivery's log lines.
+                    .instrument(tracing::Span::current()),
+                );
             }
         }
     };
