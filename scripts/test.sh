@@ -27,6 +27,14 @@ fi
 step "broker (amqp://localhost:5672)"
 AMQP_URL=amqp://localhost:5672 "$ROOT/scripts/ensure-broker.sh"
 
+# The dashboard test (tests/dashboard.rs) drives a headless Chromium through chromedriver.
+if [[ ! -x /usr/bin/chromedriver ]]; then
+    step "installing chromium and chromium-driver (for the dashboard test)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends chromium chromium-driver
+fi
+
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
     step "installing the rustfmt and clippy components"
     command -v rustup >/dev/null 2>&1 || {

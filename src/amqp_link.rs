@@ -8,6 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::RecvError;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::sasl_profile::SaslProfile;
@@ -130,6 +131,16 @@ pub struct AmqpLink {
     session: SessionHandle<()>,
     receiver: Receiver,
     failure_outcome: FailureOutcome,
+}
+
+/// What the receiver handed over.
+pub enum Incoming {
+    Message(Box<Delivery<Body<Value>>>),
+    /// A transfer whose message sections could not be decoded.
+    Undecodable {
+        info: DeliveryInfo,
+        reason: String,
+    },
 }
 
 /// What to do with one delivery.
@@ -287,8 +298,18 @@ impl AmqpLink {
     }
 
     /// Waits for the next message. Cancel-safe (fe2o3-amqp #22), so it may sit in `select!`.
-    pub async fn recv(&mut self) -> Result<Delivery<Body<Value>>, LinkError> {
-        Ok(self.receiver.recv::<Body<Value>>().await?)
+    /// A message whose sections cannot be decoded is returned as [`Incoming::Undecodable`]
+    /// with what is needed to settle it, rather than as a link error: reconnecting would
+    /// only bring it back.
+    pub async fn recv(&mut self) -> Result<Incoming, LinkError> {
+        match self.receiver.recv::<Body<Value>>().await {
+            Ok(delivery) => Ok(Incoming::Message(Box::new(delivery))),
+            Err(RecvError::MessageDecode(e)) => Ok(Incoming::Undecodable {
+                info: e.info,
+                reason: e.source.to_string(),
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Settles one delivery with the outcome its POST earned.

@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_create_enrollments.sql"),
     include_str!("../migrations/0002_add_delivery_settings.sql"),
     include_str!("../migrations/0003_add_paused.sql"),
+    include_str!("../migrations/0004_create_daemon_meta.sql"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -235,15 +236,15 @@ fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
-/// A real write inside a transaction that is rolled back: fails on read-only files and
-/// full disks without leaving anything behind.
+/// A committed one-row write: a rolled-back write never reaches the file, so only a commit
+/// proves the database (file and WAL) still takes writes.
 fn probe_write(conn: &Connection) -> Result<(), rusqlite::Error> {
-    let tx = conn.unchecked_transaction()?;
-    tx.execute(
-        "INSERT OR REPLACE INTO schema_migrations (version, applied_at) VALUES (-1, 'probe')",
+    conn.execute(
+        "INSERT OR REPLACE INTO daemon_meta (key, value)
+         VALUES ('write_probe', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
         [],
     )?;
-    tx.rollback()
+    Ok(())
 }
 
 #[cfg(test)]

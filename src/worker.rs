@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::amqp_link::{
-    AmqpLink, BrokerSettings, FailureOutcome, FailureOutcomePolicy, LinkError, Settlement,
+    AmqpLink, BrokerSettings, FailureOutcome, FailureOutcomePolicy, Incoming, LinkError, Settlement,
 };
 use crate::backoff::{Backoff, BackoffSettings};
 use crate::breaker::BreakerState;
@@ -182,7 +182,18 @@ async fn receive_loop(
             }
             received = link.recv(), if in_flight.len() < max_in_flight => {
                 let delivery = match received {
-                    Ok(delivery) => delivery,
+                    Ok(Incoming::Message(delivery)) => *delivery,
+                    Ok(Incoming::Undecodable { info, reason }) => {
+                        // Nothing to POST: dead-letter it and go on with the next message.
+                        tracing::warn!(outcome = "rejected", %reason, "message cannot be decoded; rejecting it");
+                        entry.status.record_rejected();
+                        entry.status.set_last_error(format!("undecodable message rejected: {reason}"));
+                        if let Err(e) = link.settle(info, Settlement::Reject(format!("undecodable message: {reason}"))).await {
+                            break LinkEnd::Failed(e);
+                        }
+                        metrics.delivery(entry.enrollment.id, OutcomeLabel::Rejected);
+                        continue;
+                    }
                     Err(e) => break LinkEnd::Failed(e),
                 };
                 let header = delivery.message().header.as_ref();

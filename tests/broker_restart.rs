@@ -39,18 +39,28 @@ async fn worker_reconnects_after_a_broker_restart_and_loses_nothing() {
         .wait_state(&id, "active", Duration::from_secs(20))
         .await;
 
+    // Ten thousand numbered messages; the broker goes down while they flow.
+    let n = 10_000;
     let mut publisher = Publisher::connect(&queue).await;
-    publisher.send_numbered("r", 0..500).await;
+    publisher.send_numbered("r", 0..n).await;
     publisher.close().await;
     wait_for(
         "deliveries before the restart",
-        Duration::from_secs(30),
-        || async { (target.accepted_bodies().len() == 500).then_some(()) },
+        Duration::from_secs(60),
+        || async { (target.count() >= n / 5).then_some(()) },
     )
     .await;
 
     let guard = RestartGuard;
+    let at_stop = target.count();
+    let stop_started = std::time::Instant::now();
     rabbitmqctl("stop_app");
+    let before = target.count();
+    println!(
+        "stop_app took {:?}; {} POSTs while it ran",
+        stop_started.elapsed(),
+        before - at_stop
+    );
     let down = daemon
         .api
         .wait_state(&id, "backoff", Duration::from_secs(30))
@@ -63,35 +73,28 @@ async fn worker_reconnects_after_a_broker_restart_and_loses_nothing() {
         .api
         .wait_state(&id, "active", Duration::from_secs(60))
         .await;
-    // Right after start the queue may not take publishes yet: retry the connect.
-    let mut publisher = wait_for(
-        "the broker to take publishers",
-        Duration::from_secs(30),
-        || async {
-            tokio::time::timeout(Duration::from_secs(5), async {
-                tokio::spawn({
-                    let queue = queue.clone();
-                    async move { Publisher::connect(&queue).await }
-                })
-                .await
-                .ok()
-            })
-            .await
-            .ok()
-            .flatten()
-        },
-    )
-    .await;
-    publisher.send_numbered("r", 500..1000).await;
-    wait_for("all 1000 delivered", Duration::from_secs(60), || async {
-        let mut bodies = target.accepted_bodies();
-        bodies.sort();
-        bodies.dedup();
-        (bodies.len() == 1000).then_some(())
+    let counts = wait_for("all 10000 accepted", Duration::from_secs(120), || async {
+        let mut seen = std::collections::HashMap::<String, usize>::new();
+        for body in target.accepted_bodies() {
+            *seen.entry(body).or_default() += 1;
+        }
+        (seen.len() == n).then_some(seen)
     })
     .await;
+    let expected: std::collections::HashSet<String> = (0..n).map(|i| format!("r-{i}")).collect();
+    assert!(counts.keys().all(|k| expected.contains(k)));
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    println!("broker stopped after {before} POSTs: all {n} accepted, {duplicates} duplicates");
+    // RabbitMQ 3.10 keeps delivering for several seconds while `stop_app` runs but does not
+    // apply the accepts it gets in that window (measured here: all of them come back). So
+    // the bound is what was in flight when the broker stopped taking accepts: the POSTs made
+    // during stop_app plus the credit and the one in hand.
+    let window = before - at_stop;
+    assert!(
+        duplicates <= window + 201,
+        "{duplicates} duplicates, {window} POSTs during stop_app"
+    );
     mgmt.wait_depth(&queue, 0, Duration::from_secs(30)).await;
-    publisher.close().await;
     daemon.stop().await;
     mgmt.delete_queue(&queue).await;
 }

@@ -1,0 +1,447 @@
+//! Fault tests that count every message: numbered messages are published and, at the end,
+//! every number must have been accepted by the target at least once; duplicates are reported
+//! and must stay within what the daemon could have held unsettled.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+/// Per-number tally of accepted POSTs.
+struct Tally {
+    missing: Vec<usize>,
+    duplicates: usize,
+}
+
+fn tally(target: &Target, prefix: &str, n: usize) -> Tally {
+    let mut seen: HashMap<usize, usize> = HashMap::new();
+    for body in target.accepted_bodies() {
+        if let Some(i) = body
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|i| i.parse().ok())
+        {
+            *seen.entry(i).or_default() += 1;
+        }
+    }
+    Tally {
+        missing: (0..n).filter(|i| !seen.contains_key(i)).collect(),
+        duplicates: seen.values().map(|c| c - 1).sum(),
+    }
+}
+
+async fn wait_all(target: &Target, prefix: &str, n: usize, limit: Duration) -> Tally {
+    let deadline = Instant::now() + limit;
+    loop {
+        let t = tally(target, prefix, n);
+        if t.missing.is_empty() {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} messages never accepted, e.g. {:?}",
+            t.missing.len(),
+            &t.missing[..t.missing.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn spawn_daemon(db: &Path, port: u16, log: &Path) -> Child {
+    let log = std::fs::File::create(log).expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_hot-potato"))
+        .env_clear()
+        .envs(daemon_env(db, port))
+        .env("LOG_LEVEL", "warn")
+        .env("API_RATE_LIMIT_PER_MIN", "0")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("daemon starts")
+}
+
+async fn wait_healthy(api: &Api) {
+    wait_for("the daemon to serve", Duration::from_secs(20), || async {
+        let res = api
+            .http
+            .get(format!("{}/health", api.base))
+            .send()
+            .await
+            .ok()?;
+        res.status().is_success().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_ten_thousand_loses_nothing() {
+    let mgmt = Management::new();
+    let queue = unique("kill9");
+    mgmt.declare_quorum(&queue).await;
+    let target = Target::start().await;
+    let (dir, db) = temp_db();
+    let port = free_port();
+    let api = Api::new(&format!("http://127.0.0.1:{port}"));
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&db, port, &log);
+    wait_healthy(&api).await;
+    let id = api.enroll_queue(&queue, &target.url()).await;
+    api.wait_state(&id, "active", Duration::from_secs(20)).await;
+    let n = 10_000;
+    let mut publisher = Publisher::connect(&queue).await;
+    publisher.send_numbered("k", 0..n).await;
+    wait_for(
+        "some deliveries before the kill",
+        Duration::from_secs(60),
+        || async { (target.count() >= n / 4).then_some(()) },
+    )
+    .await;
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    let before = target.count();
+    let mut child = spawn_daemon(&db, port, &log);
+    wait_healthy(&api).await;
+    let t = wait_all(&target, "k", n, Duration::from_secs(120)).await;
+    mgmt.wait_depth(&queue, 0, Duration::from_secs(30)).await;
+    println!(
+        "kill -9 after {before} POSTs: all {n} accepted, {} duplicates",
+        t.duplicates
+    );
+    // At most what the killed daemon held: its credit (200) plus the POST in flight.
+    assert!(t.duplicates <= 201, "{} duplicates", t.duplicates);
+    let _ = child.kill();
+    let _ = child.wait();
+    publisher.close().await;
+    mgmt.delete_queue(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_target_loses_and_dead_letters_nothing_with_default_settings() {
+    let mgmt = Management::new();
+    let queue = unique("flap");
+    let dlq = mgmt.declare_with_dead_letter(&queue, 5).await;
+    let mut target = Target::start().await;
+    let (_dir, db) = temp_db();
+    let daemon = Daemon::start(&db).await;
+    let id = daemon.api.enroll_queue(&queue, &target.url()).await;
+    daemon
+        .api
+        .wait_state(&id, "active", Duration::from_secs(20))
+        .await;
+    let n = 5_000;
+    let mut publisher = Publisher::connect(&queue).await;
+    publisher.send_numbered("f", 0..n).await;
+    let started = Instant::now();
+    let mut flaps = 0;
+    while tally(&target, "f", n).missing.len() > n / 5
+        && started.elapsed() < Duration::from_secs(120)
+    {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        target.stop().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        target.restart().await;
+        flaps += 1;
+    }
+    assert!(
+        flaps >= 2,
+        "the target flapped while messages flowed ({flaps} times)"
+    );
+    let t = wait_all(&target, "f", n, Duration::from_secs(120)).await;
+    mgmt.wait_depth(&queue, 0, Duration::from_secs(30)).await;
+    mgmt.wait_depth(&dlq, 0, Duration::from_secs(5)).await;
+    let e = daemon.api.enrollment(&id).await;
+    println!(
+        "flapping: {flaps} outages, all {n} accepted, {} duplicates, {} retries, {} handed back",
+        t.duplicates, e["retries"], e["failed"]
+    );
+    assert_eq!(e["failed"], 0, "default settings absorb 2 s outages: {e}");
+    publisher.close().await;
+    daemon.stop().await;
+    mgmt.delete_queue(&queue).await;
+    mgmt.delete_queue(&dlq).await;
+}
+
+/// Makes a file immutable (even for root) with chattr; undone on drop.
+struct Immutable(Vec<std::path::PathBuf>);
+
+impl Immutable {
+    fn set(paths: Vec<std::path::PathBuf>) -> Self {
+        for p in &paths {
+            let ok = Command::new("chattr")
+                .arg("+i")
+                .arg(p)
+                .status()
+                .map(|s| s.success());
+            assert!(
+                matches!(ok, Ok(true)),
+                "chattr +i {} failed: this test needs chattr on an ext4/xfs temp dir",
+                p.display()
+            );
+        }
+        Self(paths)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = Command::new("chattr").arg("-i").arg(p).status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_store_refuses_changes_but_delivery_goes_on() {
+    let mgmt = Management::new();
+    let queue = unique("rostore");
+    mgmt.declare_classic(&queue).await;
+    let target = Target::start().await;
+    let (_dir, db) = temp_db();
+    let daemon = Daemon::start(&db).await;
+    let id = daemon.api.enroll_queue(&queue, &target.url()).await;
+    daemon
+        .api
+        .wait_state(&id, "active", Duration::from_secs(20))
+        .await;
+    // The -shm file is memory-mapped; freezing it would fault the process, and SQLite cannot
+    // commit without writing the main file or the WAL anyway.
+    let files: Vec<_> = ["", "-wal"]
+        .iter()
+        .map(|suffix| std::path::PathBuf::from(format!("{}{suffix}", db.display())))
+        .filter(|p| p.exists())
+        .collect();
+    let guard = Immutable::set(files);
+
+    let body = json!({"queue": address(&unique("refused")), "target_url": target.url()});
+    let res = daemon
+        .api
+        .http
+        .post(format!("{}/enroll", daemon.base))
+        .json(&body)
+        .send()
+        .await
+        .expect("API");
+    assert_eq!(res.status().as_u16(), 503, "enroll on a read-only store");
+    let (_, list) = daemon.api.get("/enrollments").await;
+    assert_eq!(
+        list.as_array().map(Vec::len),
+        Some(1),
+        "nothing half-written: {list}"
+    );
+    assert_eq!(
+        daemon.api.delete(&id).await,
+        503,
+        "delete on a read-only store"
+    );
+    let mut publisher = Publisher::connect(&queue).await;
+    publisher.send_numbered("ro", 0..50).await;
+    wait_for(
+        "delivery with a read-only store",
+        Duration::from_secs(20),
+        || async { (target.accepted_bodies().len() == 50).then_some(()) },
+    )
+    .await;
+    let (status, ready) = daemon.api.get("/ready").await;
+    assert_eq!(
+        status, 503,
+        "not ready while the store is read-only: {ready}"
+    );
+    drop(guard);
+
+    let created = daemon.api.enroll(body).await;
+    assert!(created["id"].is_string());
+    let (_, list) = daemon.api.get("/enrollments").await;
+    assert_eq!(list.as_array().map(Vec::len), Some(2));
+    let rows: i64 = rusqlite::Connection::open(&db)
+        .expect("open")
+        .query_row("SELECT COUNT(*) FROM enrollments", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(rows, 2, "store and map agree");
+    publisher.close().await;
+    daemon.stop().await;
+    mgmt.delete_queue(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_mebibyte_message_is_delivered_whole() {
+    let mgmt = Management::new();
+    let queue = unique("big");
+    mgmt.declare_classic(&queue).await;
+    let target = Target::start().await;
+    let (_dir, db) = temp_db();
+    let daemon = Daemon::start(&db).await;
+    daemon.api.enroll_queue(&queue, &target.url()).await;
+    let body: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut publisher = Publisher::connect(&queue).await;
+    publisher
+        .send(
+            fe2o3_amqp::types::messaging::Message::builder()
+                .data(body.clone())
+                .build(),
+        )
+        .await;
+    publisher.send_numbered("after", 0..3).await;
+    wait_for(
+        "the big message and the next ones",
+        Duration::from_secs(30),
+        || async { (target.accepted_bodies().len() == 4).then_some(()) },
+    )
+    .await;
+    let first = &target.received()[0];
+    assert_eq!(first.body.len(), body.len());
+    assert!(first.body[..] == body[..], "delivered byte for byte");
+    assert_eq!(
+        first.header("content-type"),
+        Some("application/octet-stream")
+    );
+    publisher.close().await;
+    daemon.stop().await;
+    mgmt.delete_queue(&queue).await;
+}
+
+/// Local ports of the daemon process's established connections to the broker.
+fn broker_ports_of(pid: u32) -> Vec<u16> {
+    let out = Command::new("ss")
+        .args(["-Htnp", "state", "established", "dst", "127.0.0.1:5672"])
+        .output()
+        .expect("ss runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(2)
+                .and_then(|local| local.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+        })
+        .collect()
+}
+
+async fn broker_connections_from(mgmt_ports: &[u16]) -> usize {
+    let conns: Value = reqwest::Client::new()
+        .get(format!("{}/api/connections", management_url()))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .expect("management API")
+        .json()
+        .await
+        .expect("json");
+    conns
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .filter(|c| {
+                    c["peer_port"]
+                        .as_u64()
+                        .is_some_and(|p| mgmt_ports.contains(&(p as u16)))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_enrollments_churning_under_traffic_leak_no_connection() {
+    let mgmt = Management::new();
+    let target = Target::start().await;
+    let (dir, db) = temp_db();
+    let port = free_port();
+    let api = Api::new(&format!("http://127.0.0.1:{port}"));
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&db, port, &log);
+    wait_healthy(&api).await;
+    let queues: Vec<String> = (0..50).map(|i| unique(&format!("churn{i}"))).collect();
+    for q in &queues {
+        mgmt.declare_classic(q).await;
+    }
+    let mut publisher = Publisher::connect(&queues[0]).await;
+    publisher.send_numbered("c", 0..200).await;
+
+    let created = futures_join(queues.iter().map(|q| {
+        let api = api.clone();
+        let target = target.url();
+        let q = q.clone();
+        async move { api.enroll_queue(&q, &target).await }
+    }))
+    .await;
+    // Traffic on the queues while enrollments come and go.
+    for q in queues.iter().take(10) {
+        let mut p = Publisher::connect(q).await;
+        p.send_numbered(q, 0..20).await;
+        p.close().await;
+    }
+    let (deleted, kept) = created.split_at(40);
+    let statuses = futures_join(deleted.iter().map(|id| {
+        let api = api.clone();
+        let id = id.clone();
+        async move { api.delete(&id).await }
+    }))
+    .await;
+    assert!(statuses.iter().all(|s| *s == 204), "{statuses:?}");
+    for id in kept {
+        api.wait_state(id, "active", Duration::from_secs(30)).await;
+    }
+    let pid = child.id();
+    let daemon_ports = wait_for("10 broker connections", Duration::from_secs(30), || async {
+        let ports = broker_ports_of(pid);
+        (ports.len() == kept.len()).then_some(ports)
+    })
+    .await;
+    wait_for(
+        "the broker to count the same",
+        Duration::from_secs(30),
+        || async { (broker_connections_from(&daemon_ports).await == kept.len()).then_some(()) },
+    )
+    .await;
+    let (_, list) = api.get("/enrollments").await;
+    let mut in_map: Vec<String> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|e| e["id"].as_str().map(String::from))
+        .collect();
+    in_map.sort();
+    let conn = rusqlite::Connection::open(&db).expect("open");
+    let mut stmt = conn
+        .prepare("SELECT id FROM enrollments ORDER BY id")
+        .expect("prepare");
+    let in_store: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let mut expected: Vec<String> = kept.to_vec();
+    expected.sort();
+    assert_eq!(in_map, expected, "map holds the live enrollments");
+    assert_eq!(in_store, expected, "store and map agree");
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the daemon is still running"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!logs.contains("panicked"), "a task panicked:\n{logs}");
+    publisher.close().await;
+    for q in &queues {
+        mgmt.delete_queue(q).await;
+    }
+}
+
+/// Runs futures concurrently on the runtime and returns their outputs in order.
+async fn futures_join<T: Send + 'static>(
+    futures: impl Iterator<Item = impl std::future::Future<Output = T> + Send + 'static>,
+) -> Vec<T> {
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
+}
