@@ -1,5 +1,5 @@
-//! One enrollment's AMQP 1.0 plumbing: its own connection, session and receiver on the
-//! enrollment's source address, the failure outcome chosen from what the broker advertises at
+//! One enrollment's AMQP 1.0 link: the receiver on the enrollment's source address (on a session
+//! from [`crate::broker`]), the failure outcome chosen from what the broker advertises at
 //! attach, settlement, and the two ways a link ends (detach keeps a durable subscription, close
 //! removes it).
 
@@ -7,24 +7,19 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::RecvError;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::receiver::CreditMode;
-use fe2o3_amqp::sasl_profile::SaslProfile;
-use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions;
 use fe2o3_amqp::types::messaging::{
     Body, FilterSet, Modified, Source, TerminusDurability, TerminusExpiryPolicy,
 };
 use fe2o3_amqp::types::primitives::{Symbol, Value};
-use fe2o3_amqp::{Connection, Delivery, Receiver, Session};
+use fe2o3_amqp::{Delivery, Receiver};
 use fe2o3_amqp_ext::filters::SelectorFilter;
-use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
-use url::Url;
 
+use crate::broker::{BrokerSettings, SessionLease};
 use crate::enrollment::{Enrollment, SubscriptionArgs};
 
 /// What the operator asked for with `FAILURE_OUTCOME`.
@@ -118,17 +113,9 @@ pub enum LinkError {
     BadUrl,
 }
 
-/// Connection settings shared by every link the daemon opens.
-#[derive(Clone)]
-pub struct BrokerSettings {
-    pub url: Url,
-    pub connect_timeout: Duration,
-}
-
-/// An attached receiver with the connection and session it owns.
+/// An attached receiver with the session (and, unless pooled, the connection) it owns.
 pub struct AmqpLink {
-    connection: ConnectionHandle<()>,
-    session: SessionHandle<()>,
+    lease: SessionLease,
     receiver: Receiver,
     failure_outcome: FailureOutcome,
 }
@@ -190,19 +177,6 @@ fn build_source(queue: &str, args: &SubscriptionArgs) -> Source {
     source.build()
 }
 
-/// SASL PLAIN from the URL's user info, percent-decoded: Service Bus keys end in `=`, which
-/// a URL carries as `%3D`.
-fn sasl_plain(url: &Url) -> Option<SaslProfile> {
-    if url.username().is_empty() {
-        return None;
-    }
-    let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
-    Some(SaslProfile::Plain {
-        username: decode(url.username()),
-        password: decode(url.password().unwrap_or("")),
-    })
-}
-
 impl AmqpLink {
     /// Opens a connection, a session and a receiver for `enrollment`, bounded in time.
     pub async fn open(
@@ -225,49 +199,20 @@ impl AmqpLink {
         prefetch: u32,
         policy: FailureOutcomePolicy,
     ) -> Result<Self, LinkError> {
-        let url = &broker.url;
-        let host = url.host_str().ok_or(LinkError::BadUrl)?;
-        let port = url
-            .port()
-            .unwrap_or(if url.scheme() == "amqps" { 5671 } else { 5672 });
-        let stream = TcpStream::connect((host, port)).await?;
-        // fe2o3 leaves Nagle on; every disposition is a small frame we want out at once.
-        stream.set_nodelay(true)?;
-
         let name = link_name(enrollment);
-        let mut builder = Connection::builder()
-            .container_id(name.clone())
-            .scheme(url.scheme())
-            .hostname(host)
-            .domain(url.domain())
-            // amqps listeners (5671 on RabbitMQ, Artemis, Service Bus) expect TLS at once, not
-            // the AMQP TLS protocol header first.
-            .alt_tls_establishment(true)
-            .idle_time_out(30_000u32);
-        if let Some(profile) = sasl_plain(url) {
-            builder = builder.sasl_profile(profile);
-        }
-        let mut connection = builder.open_with_stream(stream).await?;
-        let mut session = match Session::begin(&mut connection).await {
-            Ok(session) => session,
-            Err(e) => {
-                let _ = connection.close().await;
-                return Err(e.into());
-            }
-        };
+        let mut lease = broker.session(enrollment.id, &name).await?;
         let source = build_source(&enrollment.queue, &enrollment.subscription_args);
         let attached = Receiver::builder()
             .name(name)
             .source(source)
             .auto_accept(false)
             .credit_mode(CreditMode::Auto(prefetch))
-            .attach(&mut session)
+            .attach(&mut lease.session)
             .await;
         let receiver = match attached {
             Ok(receiver) => receiver,
             Err(e) => {
-                let _ = session.end().await;
-                let _ = connection.close().await;
+                lease.end().await;
                 return Err(e.into());
             }
         };
@@ -278,8 +223,7 @@ impl AmqpLink {
             .map(|outcomes| outcomes.0.as_slice());
         let failure_outcome = choose_failure_outcome(policy, advertised);
         Ok(Self {
-            connection,
-            session,
+            lease,
             receiver,
             failure_outcome,
         })
@@ -348,8 +292,7 @@ impl AmqpLink {
     /// must when the connection goes.
     pub async fn detach(self) {
         let Self {
-            mut connection,
-            mut session,
+            lease,
             mut receiver,
             ..
         } = self;
@@ -358,14 +301,13 @@ impl AmqpLink {
         if let Err((_, e)) = receiver.detach().await {
             tracing::debug!(error = %e, "detach was not clean");
         }
-        end(&mut session, &mut connection).await;
+        lease.end().await;
     }
 
     /// Ends the link with `closed=true`, which removes a durable subscription. Used on DELETE.
     pub async fn close(self) {
         let Self {
-            mut connection,
-            mut session,
+            lease,
             mut receiver,
             ..
         } = self;
@@ -373,26 +315,18 @@ impl AmqpLink {
         if let Err(e) = receiver.close().await {
             tracing::debug!(error = %e, "link close was not clean");
         }
-        end(&mut session, &mut connection).await;
+        lease.end().await;
     }
 
     /// Drops the link after a broker error: whatever is unsettled goes back to the queue
-    /// when the connection ends.
+    /// when the session ends.
     pub async fn abandon(self) {
         let Self {
-            mut connection,
-            mut session,
-            receiver,
-            ..
+            lease, receiver, ..
         } = self;
         drop(receiver);
-        end(&mut session, &mut connection).await;
+        lease.end().await;
     }
-}
-
-async fn end(session: &mut SessionHandle<()>, connection: &mut ConnectionHandle<()>) {
-    let _ = session.end().await;
-    let _ = connection.close().await;
 }
 
 #[cfg(test)]

@@ -87,6 +87,8 @@ struct RawConfig {
     cors_origins: Option<String>,
     #[serde(default = "default_api_rate_limit_per_min")]
     api_rate_limit_per_min: u32,
+    #[serde(default)]
+    amqp_connection_pool: usize,
 }
 
 fn default_amqp_url() -> String {
@@ -201,6 +203,8 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// Mutating requests allowed per client IP per minute; 0 turns the limit off.
     pub api_rate_limit_per_min: u32,
+    /// 0: a connection per enrollment; N: enrollments share N connections.
+    pub amqp_connection_pool: usize,
 }
 
 impl Config {
@@ -304,6 +308,15 @@ impl Config {
         let target_allowlist =
             TargetAllowlist::parse(raw.target_allowlist.as_deref().unwrap_or(""))
                 .map_err(|e| invalid("TARGET_ALLOWLIST", e))?;
+        if raw.amqp_connection_pool > crate::broker::MAX_POOL {
+            return Err(invalid(
+                "AMQP_CONNECTION_POOL",
+                format!(
+                    "must be from 0 (a connection per enrollment) to {}",
+                    crate::broker::MAX_POOL
+                ),
+            ));
+        }
         let api_token = raw.api_token.filter(|t| !t.is_empty());
         if api_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("API_TOKEN", "must be at least 16 characters"));
@@ -362,6 +375,7 @@ impl Config {
             metrics_per_enrollment: raw.metrics_per_enrollment,
             cors_origins,
             api_rate_limit_per_min: raw.api_rate_limit_per_min,
+            amqp_connection_pool: raw.amqp_connection_pool,
         })
     }
 
@@ -404,6 +418,7 @@ impl fmt::Debug for Config {
             .field("metrics_per_enrollment", &self.metrics_per_enrollment)
             .field("cors_origins", &self.cors_origins)
             .field("api_rate_limit_per_min", &self.api_rate_limit_per_min)
+            .field("amqp_connection_pool", &self.amqp_connection_pool)
             .finish()
     }
 }

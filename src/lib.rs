@@ -9,7 +9,8 @@
 //! - [`supervisor`]: owns one worker task per enrollment; restarts, stops, shuts down.
 //! - [`worker`]: one enrollment's link owner: receive, run deliveries concurrently up to
 //!   `max_in_flight`, settle, reconnect.
-//! - [`amqp_link`]: connection, session and receiver; failure outcome; settlement.
+//! - [`broker`]: broker connections, dedicated per enrollment or pooled.
+//! - [`amqp_link`]: the receiver link; failure outcome; settlement.
 //! - [`delivery`]: message → HTTP request mapping, the POST, and one message's attempts.
 //! - [`policy`]: per-enrollment delivery settings, defaults, status classes, the verdict.
 //! - [`breaker`]: the per-enrollment circuit breaker.
@@ -26,6 +27,7 @@ pub mod amqp_link;
 pub mod api;
 pub mod backoff;
 pub mod breaker;
+pub mod broker;
 pub mod config;
 pub mod delivery;
 pub mod demo_receiver;
@@ -43,8 +45,8 @@ use std::future::Future;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp_link::BrokerSettings;
 use crate::backoff::BackoffSettings;
+use crate::broker::{BrokerSettings, ConnectionPool};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -82,11 +84,14 @@ pub async fn run(
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let metrics = Metrics::new(config.metrics_per_enrollment);
+    let broker = std::sync::Arc::new(BrokerSettings {
+        url: config.amqp_url.clone(),
+        connect_timeout: config.amqp_connect_timeout,
+        pool: (config.amqp_connection_pool > 0)
+            .then(|| ConnectionPool::new(config.amqp_connection_pool)),
+    });
     let ctx = WorkerContext {
-        broker: BrokerSettings {
-            url: config.amqp_url.clone(),
-            connect_timeout: config.amqp_connect_timeout,
-        },
+        broker: broker.clone(),
         http,
         failure_policy: config.failure_outcome,
         default_prefetch: config.default_prefetch,
@@ -143,6 +148,7 @@ pub async fn run(
     // Whatever ended the server, the workers are stopped the same way.
     token.cancel();
     supervisor.shutdown(config.shutdown_grace).await;
+    broker.close_pool().await;
     watcher.abort();
     served?;
     tracing::info!("stopped");

@@ -12,10 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::amqp_link::{
-    AmqpLink, BrokerSettings, FailureOutcome, FailureOutcomePolicy, Incoming, LinkError, Settlement,
+    AmqpLink, FailureOutcome, FailureOutcomePolicy, Incoming, LinkError, Settlement,
 };
 use crate::backoff::{Backoff, BackoffSettings};
 use crate::breaker::BreakerState;
+use crate::broker::BrokerSettings;
 use crate::delivery::{Dispatcher, PushRequest};
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::registry::{Entry, WorkerState};
@@ -23,7 +24,7 @@ use crate::registry::{Entry, WorkerState};
 /// Everything a worker needs besides its enrollment; one shared copy for all workers.
 #[derive(Clone)]
 pub struct WorkerContext {
-    pub broker: BrokerSettings,
+    pub broker: Arc<BrokerSettings>,
     /// One client for every worker: connection pools are per target host, so a slow target
     /// only ties up its own connections.
     pub http: reqwest::Client,

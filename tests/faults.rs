@@ -53,10 +53,15 @@ async fn wait_all(target: &Target, prefix: &str, n: usize, limit: Duration) -> T
 }
 
 fn spawn_daemon(db: &Path, port: u16, log: &Path) -> Child {
+    spawn_daemon_with(db, port, log, &[])
+}
+
+fn spawn_daemon_with(db: &Path, port: u16, log: &Path, extra: &[(&str, &str)]) -> Child {
     let log = std::fs::File::create(log).expect("log file");
     Command::new(env!("CARGO_BIN_EXE_hot-potato"))
         .env_clear()
         .envs(daemon_env(db, port))
+        .envs(extra.iter().copied())
         .env("LOG_LEVEL", "warn")
         .env("API_RATE_LIMIT_PER_MIN", "0")
         .stdout(log.try_clone().expect("log"))
@@ -444,4 +449,59 @@ async fn futures_join<T: Send + 'static>(
         out.push(h.await.expect("task"));
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_pool_carries_many_enrollments_on_few_connections() {
+    let mgmt = Management::new();
+    let target = Target::start().await;
+    let (dir, db) = temp_db();
+    let port = free_port();
+    let api = Api::new(&format!("http://127.0.0.1:{port}"));
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon_with(&db, port, &log, &[("AMQP_CONNECTION_POOL", "2")]);
+    wait_healthy(&api).await;
+    let queues: Vec<String> = (0..10).map(|i| unique(&format!("pool{i}"))).collect();
+    let mut ids = Vec::new();
+    for q in &queues {
+        mgmt.declare_classic(q).await;
+        ids.push(api.enroll_queue(q, &target.url()).await);
+    }
+    for id in &ids {
+        api.wait_state(id, "active", Duration::from_secs(30)).await;
+    }
+    for q in &queues {
+        let mut p = Publisher::connect(q).await;
+        p.send_numbered(q, 0..20).await;
+        p.close().await;
+    }
+    wait_for(
+        "200 deliveries over the pool",
+        Duration::from_secs(30),
+        || async { (target.accepted_bodies().len() == 200).then_some(()) },
+    )
+    .await;
+    let pid = child.id();
+    assert_eq!(
+        broker_ports_of(pid).len(),
+        2,
+        "ten enrollments on two connections"
+    );
+    // Deleting one closes its session, not the shared connection.
+    assert_eq!(api.delete(&ids[0]).await, 204);
+    let mut p = Publisher::connect(&queues[1]).await;
+    p.send_numbered("after-delete", 0..5).await;
+    p.close().await;
+    wait_for(
+        "the others keep flowing",
+        Duration::from_secs(20),
+        || async { (target.accepted_bodies().len() == 205).then_some(()) },
+    )
+    .await;
+    assert_eq!(broker_ports_of(pid).len(), 2);
+    let _ = child.kill();
+    let _ = child.wait();
+    for q in &queues {
+        mgmt.delete_queue(q).await;
+    }
 }

@@ -22,7 +22,7 @@ pub struct Health {
 }
 
 /// Liveness: the process serves. Never needs the token.
-#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, body = Health)))]
+#[utoipa::path(get, path = "/health", tag = "operations", security(()), responses((status = 200, body = Health)))]
 pub async fn health(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: if state.supervisor.is_shutting_down() {
@@ -56,7 +56,7 @@ pub struct NotActive {
 /// shows why it is not (a worker still connecting without an error yet is not ready). Never
 /// needs the token.
 #[utoipa::path(
-    get, path = "/ready", tag = "operations",
+    get, path = "/ready", tag = "operations", security(()),
     responses((status = 200, body = Readiness), (status = 503, body = Readiness))
 )]
 pub async fn ready(State(state): State<AppState>) -> Response {
@@ -135,7 +135,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Stats> {
 
 /// Prometheus text exposition. Needs the token only with `METRICS_REQUIRE_TOKEN=true`.
 #[utoipa::path(
-    get, path = "/metrics", tag = "operations",
+    get, path = "/metrics", tag = "operations", security((), ("api_token" = [])),
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
 )]
 pub async fn metrics(State(state): State<AppState>) -> Response {
@@ -161,7 +161,7 @@ pub async fn openapi_json() -> Response {
 
 /// The dashboard page. Static: it holds no data and asks for the token itself.
 #[utoipa::path(
-    get, path = "/", tag = "pages",
+    get, path = "/", tag = "pages", security(()),
     responses((status = 200, description = "HTML page", content_type = "text/html", body = String))
 )]
 pub async fn dashboard() -> Html<&'static str> {
@@ -170,7 +170,7 @@ pub async fn dashboard() -> Html<&'static str> {
 
 /// The API docs page, rendered from `/openapi.json`.
 #[utoipa::path(
-    get, path = "/docs", tag = "pages",
+    get, path = "/docs", tag = "pages", security(()),
     responses((status = 200, description = "HTML page", content_type = "text/html", body = String))
 )]
 pub async fn docs() -> Html<&'static str> {

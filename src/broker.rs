@@ -1,0 +1,200 @@
+//! Connections to the broker: opening one (TCP with Nagle off, TLS for `amqps`, SASL PLAIN from
+//! the URL), and where each enrollment's session lives. By default every enrollment owns its
+//! connection, so a broker-side problem on one connection touches one enrollment. With
+//! `AMQP_CONNECTION_POOL=N` enrollments share N connections instead (a session and receiver
+//! each), which large fleets need: fewer sockets, broker processes and heartbeats, at the price
+//! that a connection failure or a flow-controlled connection affects every enrollment on it.
+
+use std::time::Duration;
+
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::{Connection, Session};
+use percent_encoding::percent_decode_str;
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use url::Url;
+use uuid::Uuid;
+
+use crate::amqp_link::LinkError;
+
+/// Largest pool: sessions per connection are bounded by the broker's channel-max (2047 on
+/// RabbitMQ), so a handful of connections carries thousands of enrollments.
+pub const MAX_POOL: usize = 256;
+
+/// Connection settings shared by every link the daemon opens.
+pub struct BrokerSettings {
+    pub url: Url,
+    pub connect_timeout: Duration,
+    /// `None`: a dedicated connection per enrollment.
+    pub pool: Option<ConnectionPool>,
+}
+
+/// A fixed set of shared connections, each opened on first use and reopened after it fails.
+pub struct ConnectionPool {
+    slots: Vec<Mutex<Option<ConnectionHandle<()>>>>,
+}
+
+impl ConnectionPool {
+    pub fn new(size: usize) -> Self {
+        Self {
+            slots: (0..size.clamp(1, MAX_POOL))
+                .map(|_| Mutex::new(None))
+                .collect(),
+        }
+    }
+
+    /// An enrollment always lands on the same slot, so its container id (which names a
+    /// durable subscription on Artemis) is stable while the pool size is.
+    fn slot_of(&self, enrollment: Uuid) -> usize {
+        (enrollment.as_u128() % self.slots.len() as u128) as usize
+    }
+}
+
+/// An enrollment's session, and the connection under it when the enrollment owns one.
+pub struct SessionLease {
+    pub session: SessionHandle<()>,
+    owned: Option<ConnectionHandle<()>>,
+}
+
+impl SessionLease {
+    /// Ends the session, and closes the connection if it is this enrollment's own.
+    pub async fn end(mut self) {
+        let _ = self.session.end().await;
+        if let Some(mut connection) = self.owned.take() {
+            let _ = connection.close().await;
+        }
+    }
+}
+
+impl BrokerSettings {
+    /// A session for `enrollment`: on its own connection, or on its pool slot's connection
+    /// (opened or reopened as needed).
+    pub async fn session(
+        &self,
+        enrollment: Uuid,
+        own_container_id: &str,
+    ) -> Result<SessionLease, LinkError> {
+        let Some(pool) = &self.pool else {
+            let mut connection = connect(&self.url, own_container_id).await?;
+            return match Session::begin(&mut connection).await {
+                Ok(session) => Ok(SessionLease {
+                    session,
+                    owned: Some(connection),
+                }),
+                Err(e) => {
+                    let _ = connection.close().await;
+                    Err(e.into())
+                }
+            };
+        };
+        let index = pool.slot_of(enrollment);
+        // Held across the connect on purpose: the enrollments of a slot wait for one
+        // reconnect instead of each opening a connection of its own.
+        let mut slot = pool.slots[index].lock().await;
+        if let Some(connection) = slot.as_mut() {
+            if !connection.is_closed() {
+                match Session::begin(connection).await {
+                    Ok(session) => {
+                        return Ok(SessionLease {
+                            session,
+                            owned: None,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::info!(slot = index, error = %e, "pooled connection is broken; reopening it")
+                    }
+                }
+            }
+            if let Some(mut dead) = slot.take() {
+                let _ = dead.close().await;
+            }
+        }
+        let mut connection = connect(&self.url, &format!("hot-potato-pool-{index}")).await?;
+        let session = Session::begin(&mut connection).await?;
+        *slot = Some(connection);
+        Ok(SessionLease {
+            session,
+            owned: None,
+        })
+    }
+
+    /// Closes the pooled connections (shutdown). Dedicated ones close with their sessions.
+    pub async fn close_pool(&self) {
+        if let Some(pool) = &self.pool {
+            for slot in &pool.slots {
+                if let Some(mut connection) = slot.lock().await.take() {
+                    let _ = connection.close().await;
+                }
+            }
+        }
+    }
+}
+
+/// Opens one connection: TCP with Nagle off (every disposition is a small frame we want out at
+/// once), direct TLS for `amqps`, SASL PLAIN when the URL has a user.
+async fn connect(url: &Url, container_id: &str) -> Result<ConnectionHandle<()>, LinkError> {
+    let host = url.host_str().ok_or(LinkError::BadUrl)?;
+    let port = url
+        .port()
+        .unwrap_or(if url.scheme() == "amqps" { 5671 } else { 5672 });
+    let stream = TcpStream::connect((host, port)).await?;
+    stream.set_nodelay(true)?;
+    let mut builder = Connection::builder()
+        .container_id(container_id.to_string())
+        .scheme(url.scheme())
+        .hostname(host)
+        .domain(url.domain())
+        // amqps listeners (5671 on RabbitMQ, Artemis, Service Bus) expect TLS at once, not the
+        // AMQP TLS protocol header first.
+        .alt_tls_establishment(true)
+        // Room for many sessions when pooled; the broker's own channel-max still applies.
+        .channel_max(u16::MAX)
+        .idle_time_out(30_000u32);
+    if let Some(profile) = sasl_plain(url) {
+        builder = builder.sasl_profile(profile);
+    }
+    Ok(builder.open_with_stream(stream).await?)
+}
+
+/// SASL PLAIN from the URL's user info, percent-decoded: Service Bus keys end in `=`, which
+/// a URL carries as `%3D`.
+fn sasl_plain(url: &Url) -> Option<SaslProfile> {
+    if url.username().is_empty() {
+        return None;
+    }
+    let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
+    Some(SaslProfile::Plain {
+        username: decode(url.username()),
+        password: decode(url.password().unwrap_or("")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_percent_decoded() {
+        let url =
+            Url::parse("amqps://RootManageSharedAccessKey:abc%2Fdef%3D@x.servicebus.windows.net")
+                .expect("url");
+        match sasl_plain(&url) {
+            Some(SaslProfile::Plain { username, password }) => {
+                assert_eq!(username, "RootManageSharedAccessKey");
+                assert_eq!(password, "abc/def=");
+            }
+            _ => panic!("expected SASL PLAIN"),
+        }
+        assert!(sasl_plain(&Url::parse("amqp://localhost").expect("url")).is_none());
+    }
+
+    #[test]
+    fn an_enrollment_keeps_its_slot() {
+        let pool = ConnectionPool::new(8);
+        let id = Uuid::new_v4();
+        assert_eq!(pool.slot_of(id), pool.slot_of(id));
+        assert!(pool.slot_of(id) < 8);
+    }
+}
