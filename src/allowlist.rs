@@ -69,7 +69,8 @@ impl TargetAllowlist {
             .ok_or_else(|| "`target_url` has no host".to_string())?;
         let ip = match &host {
             Host::Ipv4(v4) => Some(IpAddr::V4(*v4)),
-            Host::Ipv6(v6) => Some(IpAddr::V6(*v6)),
+            // `::ffff:169.254.169.254` reaches the same IPv4 host: judge it as IPv4.
+            Host::Ipv6(v6) => Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(*v6), IpAddr::V4)),
             Host::Domain(_) => None,
         };
         let listed = self.rules.iter().any(|rule| match (rule, &host, ip) {
@@ -122,6 +123,10 @@ mod tests {
         assert!(open.check(&url("http://10.1.2.3/x")).is_ok());
         assert!(open.check(&url("http://169.254.169.254/latest")).is_err());
         assert!(open.check(&url("http://[fe80::1]/x")).is_err());
+        assert!(
+            open.check(&url("http://[::ffff:169.254.169.254]/x"))
+                .is_err()
+        );
     }
 
     #[test]

@@ -140,8 +140,9 @@ pub enum Settlement {
     Fail,
     /// The target's answer is in `reject_on`: `rejected`, which dead-letters at once.
     Reject(String),
-    /// Not tried or not the message's fault (enrollment deleted mid-POST): a plain release,
-    /// which no broker counts as a failed attempt.
+    /// Not the message's fault (enrollment deleted mid-POST, shutdown during a retry wait):
+    /// a plain release. Artemis and Service Bus do not count it as a failed attempt;
+    /// RabbitMQ quorum queues count every release toward `x-delivery-limit`.
     HandBack,
 }
 

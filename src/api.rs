@@ -104,6 +104,12 @@ impl IntoResponse for ApiError {
         }
         let mut response =
             (self.status(), Json(json!({ "error": self.to_string() }))).into_response();
+        if matches!(self, Self::TooManyRequests) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("60"),
+            );
+        }
         if matches!(self, Self::Unauthorized) {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

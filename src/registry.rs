@@ -179,7 +179,7 @@ impl EnrollmentStatus {
         self.rate.record();
         set_slot(&self.last_success_at, Some(now_rfc3339()));
     }
-    /// Handed back with the failure outcome (or released on removal).
+    /// Handed back with the failure outcome after the POST attempts failed.
     pub fn record_failed(&self) {
         bump(&self.failed);
     }

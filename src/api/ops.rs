@@ -136,14 +136,15 @@ pub async fn stats(State(state): State<AppState>) -> Json<Stats> {
 /// Prometheus text exposition. Needs the token only with `METRICS_REQUIRE_TOKEN=true`.
 #[utoipa::path(
     get, path = "/metrics", tag = "operations", security((), ("api_token" = [])),
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
+    responses((status = 200, description = "OpenMetrics text format", content_type = "application/openmetrics-text", body = String))
 )]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let text = state.metrics.render(&state.registry.list());
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            // prometheus-client writes the OpenMetrics text format.
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         text,
     )
