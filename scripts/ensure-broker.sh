@@ -149,7 +149,19 @@ start_node() {
         systemctl start rabbitmq-server
     else
         log "starting rabbitmq-server -detached"
-        rabbitmq-server -detached
+        # Each enrollment holds a connection (unless AMQP_CONNECTION_POOL is set): the default
+        # 1024 open files leave RabbitMQ about 830 sockets, too few for a 1,000-enrollment fleet.
+        # Debian's wrapper switches user with `su`, which resets the limit, so as root the
+        # server is started as the rabbitmq user directly, keeping the raised limit.
+        ulimit -n 16384 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+        if [[ "$(id -u)" -eq 0 ]] && id rabbitmq >/dev/null 2>&1 && command -v setpriv >/dev/null 2>&1 &&
+            [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]]; then
+            (cd /var/lib/rabbitmq &&
+                setpriv --reuid rabbitmq --regid rabbitmq --init-groups \
+                    env HOME=/var/lib/rabbitmq /usr/lib/rabbitmq/bin/rabbitmq-server -detached)
+        else
+            rabbitmq-server -detached
+        fi
     fi
 }
 

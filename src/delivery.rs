@@ -18,11 +18,12 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::amqp_link::Settlement;
 use crate::breaker::{BreakerState, CircuitBreaker, Health, Permit};
-use crate::metrics::{Metrics, status_class};
+use crate::metrics::{EnrollmentMetrics, Metrics, status_class};
 use crate::policy::{DeliveryPolicy, Verdict, verdict};
 use crate::registry::{EnrollmentStatus, Entry};
 use crate::signing;
 use crate::worker::StopSignals;
+use url::Url;
 
 /// Prefix of the headers that carry the AMQP properties; application properties get
 /// [`APP_PROPERTY_PREFIX`] followed by the property name in lower case.
@@ -54,7 +55,7 @@ impl PushRequest {
     /// - AMQP metadata as `amqp-*` headers and application properties as `amqp-app-*`.
     pub fn from_message(
         message: &Message<Body<Value>>,
-        enrollment_id: Uuid,
+        enrollment_header: &HeaderValue,
         delivery_count: u32,
     ) -> Self {
         let (body, default_type) = body_bytes(&message.body);
@@ -96,7 +97,7 @@ impl PushRequest {
             "amqp-delivery-count",
             &delivery_count.to_string(),
         );
-        insert(&mut headers, ENROLLMENT_HEADER, &enrollment_id.to_string());
+        headers.insert(ENROLLMENT_HEADER, enrollment_header.clone());
         if let Some(app) = &message.application_properties {
             for (key, value) in app.0.iter() {
                 let name = format!("{APP_PROPERTY_PREFIX}{}", key.to_ascii_lowercase());
@@ -248,7 +249,7 @@ impl PostResult {
 /// Sends one POST, bounded by `timeout` from connect to the end of the response body.
 pub async fn post(
     client: &reqwest::Client,
-    target_url: &str,
+    target_url: &Url,
     request: &PushRequest,
     extra_headers: HeaderMap,
     timeout: Duration,
@@ -256,7 +257,7 @@ pub async fn post(
     let mut headers = request.headers.clone();
     headers.extend(extra_headers);
     let sent = client
-        .post(target_url)
+        .post(target_url.clone())
         .headers(headers)
         .body(request.body.clone())
         .timeout(timeout)
@@ -324,26 +325,36 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// the worker, across reconnects, so breaker and limiter state survive a broker hiccup.
 pub struct Dispatcher {
     http: reqwest::Client,
-    target_url: String,
+    /// Parsed once: reqwest would otherwise parse (and IDNA-map) the string per request.
+    target_url: Url,
+    /// `hot-potato-enrollment-id`, built once.
+    enrollment_header: HeaderValue,
     policy: DeliveryPolicy,
     static_headers: HeaderMap,
     signing_key: Option<Vec<u8>>,
     pub breaker: CircuitBreaker,
     limiter: Option<DefaultDirectRateLimiter>,
     status: Arc<EnrollmentStatus>,
-    enrollment_id: Uuid,
-    metrics: Metrics,
+    metrics: EnrollmentMetrics,
 }
 
 impl Dispatcher {
-    pub fn new(http: reqwest::Client, entry: &Entry, metrics: Metrics) -> Self {
+    pub fn new(
+        http: reqwest::Client,
+        entry: &Entry,
+        metrics: &Metrics,
+    ) -> Result<Self, url::ParseError> {
         let policy = entry.policy.clone();
         let limiter = policy.rate_limit_per_sec.and_then(|rate| {
             Quota::with_period(Duration::from_secs_f64(1.0 / rate)).map(RateLimiter::direct)
         });
-        Self {
+        let target_url = Url::parse(&entry.enrollment.target_url)?;
+        let enrollment_header = HeaderValue::from_str(&entry.enrollment.id.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        Ok(Self {
             http,
-            target_url: entry.enrollment.target_url.clone(),
+            target_url,
+            enrollment_header,
             static_headers: signing::static_headers(&policy),
             signing_key: policy
                 .signing
@@ -352,10 +363,18 @@ impl Dispatcher {
             breaker: CircuitBreaker::new(policy.circuit_breaker),
             limiter,
             status: Arc::clone(&entry.status),
-            enrollment_id: entry.enrollment.id,
-            metrics,
+            metrics: metrics.for_enrollment(entry.enrollment.id),
             policy,
-        }
+        })
+    }
+
+    pub fn metrics(&self) -> &EnrollmentMetrics {
+        &self.metrics
+    }
+
+    /// The POST for one message (see [`PushRequest::from_message`]).
+    pub fn request_for(&self, message: &Message<Body<Value>>, delivery_count: u32) -> PushRequest {
+        PushRequest::from_message(message, &self.enrollment_header, delivery_count)
     }
 
     pub fn policy(&self) -> &DeliveryPolicy {
@@ -432,7 +451,7 @@ impl Dispatcher {
                     self.status.record_delivered();
                     tracing::debug!(message_id, outcome = "accepted", "delivered");
                     if let Some(age) = request.created_at_ms.and_then(age_since) {
-                        self.metrics.message_age(age);
+                        self.metrics.shared().message_age(age);
                     }
                     return Settlement::Accept;
                 }
@@ -469,7 +488,7 @@ impl Dispatcher {
                             self.policy.retry.delay(counted_attempts, fastrand::f64())
                         });
                     self.status.record_retry();
-                    self.metrics.retry();
+                    self.metrics.shared().retry();
                     tracing::debug!(message_id, attempt = counted_attempts, delay_ms = delay.as_millis() as u64, result = %result.describe(), "retrying");
                     tokio::select! {
                         biased;
@@ -492,8 +511,7 @@ impl Dispatcher {
         )
         .await;
         let class = status_class(result.code(), result == PostResult::Timeout);
-        self.metrics
-            .post_attempt(self.enrollment_id, class, started.elapsed());
+        self.metrics.post_attempt(class, started.elapsed());
         result
     }
 
@@ -519,6 +537,10 @@ mod tests {
     use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Data, Properties};
     use fe2o3_amqp::types::primitives::Binary;
 
+    fn hv(id: Uuid) -> HeaderValue {
+        HeaderValue::from_str(&id.to_string()).expect("uuid is a header value")
+    }
+
     fn message(body: Body<Value>, props: Option<Properties>) -> Message<Body<Value>> {
         Message {
             header: None,
@@ -538,12 +560,12 @@ mod tests {
             Body::Data(vec![Data(Binary::from(vec![0u8, 1, 2]))].into()),
             None,
         );
-        let r = PushRequest::from_message(&data, id, 0);
+        let r = PushRequest::from_message(&data, &hv(id), 0);
         assert_eq!(&r.body[..], &[0, 1, 2]);
         assert_eq!(r.headers[CONTENT_TYPE], OCTET_STREAM);
 
         let text = message(Body::Value(AmqpValue(Value::String("héllo".into()))), None);
-        let r = PushRequest::from_message(&text, id, 0);
+        let r = PushRequest::from_message(&text, &hv(id), 0);
         assert_eq!(&r.body[..], "héllo".as_bytes());
         assert_eq!(r.headers[CONTENT_TYPE], TEXT_PLAIN);
 
@@ -554,12 +576,12 @@ mod tests {
             ]))),
             None,
         );
-        let r = PushRequest::from_message(&list, id, 0);
+        let r = PushRequest::from_message(&list, &hv(id), 0);
         assert_eq!(&r.body[..], b"[1,true]");
         assert_eq!(r.headers[CONTENT_TYPE], JSON);
 
         let empty = message(Body::Empty, None);
-        let r = PushRequest::from_message(&empty, id, 0);
+        let r = PushRequest::from_message(&empty, &hv(id), 0);
         assert!(r.body.is_empty());
         assert!(r.headers.get(CONTENT_TYPE).is_none());
     }
@@ -585,7 +607,7 @@ mod tests {
         app.0.insert("priority".into(), SimpleValue::Int(7));
         app.0.insert("bad value".into(), SimpleValue::Bool(true));
         m.application_properties = Some(app);
-        let r = PushRequest::from_message(&m, id, 3);
+        let r = PushRequest::from_message(&m, &hv(id), 3);
         let h = &r.headers;
         assert_eq!(h[CONTENT_TYPE], "application/vnd.test+json");
         assert_eq!(h["amqp-message-id"], "m-1");

@@ -56,6 +56,12 @@ async fn serve() -> anyhow::Result<()> {
     }
     let config = Config::from_env()?;
     init_tracing(&config);
+    // One connection per enrollment (plus one per target host) outgrows the usual soft limit
+    // of 1024 open files long before memory or CPU run out: take what the hard limit allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let addr = std::net::SocketAddr::new(config.http_host, config.http_port);
     let listener = TcpListener::bind(addr)
         .await

@@ -4,7 +4,7 @@
 //! the per-message counters is bounded by the number of enrollments and can be turned off
 //! with `METRICS_PER_ENROLLMENT=false` for large fleets.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -56,6 +56,15 @@ impl OutcomeLabel {
         }
     }
 }
+
+const OUTCOMES: [OutcomeLabel; 5] = [
+    OutcomeLabel::Accepted,
+    OutcomeLabel::Released,
+    OutcomeLabel::Modified,
+    OutcomeLabel::Rejected,
+    OutcomeLabel::Dropped,
+];
+const STATUS_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "network"];
 
 /// The class of one POST's result.
 pub fn status_class(code: Option<u16>, timed_out: bool) -> &'static str {
@@ -178,25 +187,15 @@ impl Metrics {
         self.inner.per_enrollment.then(|| id.to_string())
     }
 
-    pub fn delivery(&self, id: Uuid, outcome: OutcomeLabel) {
-        self.inner
-            .deliveries
-            .get_or_create(&DeliveryLabels {
-                outcome: outcome.as_str(),
-                enrollment_id: self.enrollment_label(id),
-            })
-            .inc();
-    }
-
-    pub fn post_attempt(&self, id: Uuid, class: &'static str, took: Duration) {
-        self.inner
-            .post_attempts
-            .get_or_create(&AttemptLabels {
-                status_class: class,
-                enrollment_id: self.enrollment_label(id),
-            })
-            .inc();
-        self.inner.post_duration.observe(took.as_secs_f64());
+    /// Handles to one enrollment's series, resolved once so the per-message path neither
+    /// formats the label nor looks the series up.
+    pub fn for_enrollment(&self, id: Uuid) -> EnrollmentMetrics {
+        EnrollmentMetrics {
+            metrics: self.clone(),
+            enrollment_id: self.enrollment_label(id),
+            deliveries: Default::default(),
+            attempts: Default::default(),
+        }
     }
 
     pub fn retry(&self) {
@@ -259,6 +258,54 @@ impl Metrics {
     }
 }
 
+/// One enrollment's per-message metrics. Series are created on first use, so an enrollment
+/// that never sees a 3xx exports no 3xx series.
+pub struct EnrollmentMetrics {
+    metrics: Metrics,
+    enrollment_id: Option<String>,
+    deliveries: [OnceLock<Counter>; 5],
+    attempts: [OnceLock<Counter>; 7],
+}
+
+impl EnrollmentMetrics {
+    pub fn delivery(&self, outcome: OutcomeLabel) {
+        let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.deliveries[i]
+            .get_or_init(|| {
+                self.metrics
+                    .inner
+                    .deliveries
+                    .get_or_create(&DeliveryLabels {
+                        outcome: outcome.as_str(),
+                        enrollment_id: self.enrollment_id.clone(),
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+
+    pub fn post_attempt(&self, class: &'static str, took: Duration) {
+        let i = STATUS_CLASSES.iter().position(|c| *c == class).unwrap_or(6);
+        self.attempts[i]
+            .get_or_init(|| {
+                self.metrics
+                    .inner
+                    .post_attempts
+                    .get_or_create(&AttemptLabels {
+                        status_class: STATUS_CLASSES[i],
+                        enrollment_id: self.enrollment_id.clone(),
+                    })
+                    .clone()
+            })
+            .inc();
+        self.metrics.inner.post_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn shared(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,8 +314,10 @@ mod tests {
     fn names_units_and_labels_follow_the_convention() {
         let m = Metrics::new(true);
         let id = Uuid::new_v4();
-        m.delivery(id, OutcomeLabel::Accepted);
-        m.post_attempt(id, status_class(Some(503), false), Duration::from_millis(3));
+        let e = m.for_enrollment(id);
+        e.delivery(OutcomeLabel::Accepted);
+        e.delivery(OutcomeLabel::Accepted);
+        e.post_attempt(status_class(Some(503), false), Duration::from_millis(3));
         m.retry();
         let text = m.render(&[]);
         assert!(
@@ -282,7 +331,7 @@ mod tests {
         assert!(text.contains("hot_potato_enrollments 0"));
 
         let fleet = Metrics::new(false);
-        fleet.delivery(id, OutcomeLabel::Dropped);
+        fleet.for_enrollment(id).delivery(OutcomeLabel::Dropped);
         assert!(!fleet.render(&[]).contains(&id.to_string()));
     }
 

@@ -59,7 +59,9 @@ pub struct EnrollmentStatus {
     in_flight: AtomicU64,
     failure_outcome: Mutex<Option<FailureOutcome>>,
     last_error: Mutex<Option<(String, String)>>,
-    last_success_at: Mutex<Option<String>>,
+    /// Unix milliseconds of the last accepted delivery, 0 for none; formatted when shown, not
+    /// on the per-message path.
+    last_success_ms: std::sync::atomic::AtomicI64,
     rate: RateWindow,
     paused: std::sync::atomic::AtomicBool,
 }
@@ -88,8 +90,12 @@ impl RateWindow {
             .map_or(0, |d| d.as_secs())
     }
 
-    fn record(&self) {
-        let now = Self::now_secs();
+    /// Counts one delivery now; returns the time in Unix milliseconds.
+    fn record(&self) -> i64 {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let now = (now_ms / 1000) as u64;
         let i = (now % 60) as usize;
         // Two workers never share a window (one per enrollment), so a plain check-then-reset
         // is enough; at worst a count lands in a bucket that is reset the same second.
@@ -97,6 +103,7 @@ impl RateWindow {
             self.buckets[i].store(0, Ordering::Relaxed);
         }
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        now_ms
     }
 
     /// Counts for the last 60 whole seconds, oldest first (the current second excluded).
@@ -130,7 +137,7 @@ impl Default for EnrollmentStatus {
             in_flight: AtomicU64::new(0),
             failure_outcome: Mutex::new(None),
             last_error: Mutex::new(None),
-            last_success_at: Mutex::new(None),
+            last_success_ms: std::sync::atomic::AtomicI64::new(0),
             rate: RateWindow::default(),
             paused: std::sync::atomic::AtomicBool::new(false),
         }
@@ -176,8 +183,8 @@ impl EnrollmentStatus {
     /// Accepted after a 2xx.
     pub fn record_delivered(&self) {
         bump(&self.delivered);
-        self.rate.record();
-        set_slot(&self.last_success_at, Some(now_rfc3339()));
+        let now = self.rate.record();
+        self.last_success_ms.store(now, Ordering::Relaxed);
     }
     /// Handed back with the failure outcome after the POST attempts failed.
     pub fn record_failed(&self) {
@@ -301,7 +308,7 @@ impl Entry {
             failure_outcome: s.failure_outcome(),
             last_error: last_error.as_ref().map(|(e, _)| e.clone()),
             last_error_at: last_error.map(|(_, at)| at),
-            last_success_at: read_slot(&s.last_success_at),
+            last_success_at: rfc3339_from_ms(s.last_success_ms.load(Ordering::Relaxed)),
         }
     }
 }
@@ -566,6 +573,16 @@ impl Registry {
         tracing::info!(enrollment_id = %id, "deleted enrollment");
         Ok(Some(exit))
     }
+}
+
+fn rfc3339_from_ms(ms: i64) -> Option<String> {
+    if ms <= 0 {
+        return None;
+    }
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()?
+        .format(&Rfc3339)
+        .ok()
 }
 
 fn check_target(allowlist: &TargetAllowlist, target_url: &str) -> Result<(), String> {

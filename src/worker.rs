@@ -17,8 +17,8 @@ use crate::amqp_link::{
 use crate::backoff::{Backoff, BackoffSettings};
 use crate::breaker::BreakerState;
 use crate::broker::BrokerSettings;
-use crate::delivery::{Dispatcher, PushRequest};
-use crate::metrics::{Metrics, OutcomeLabel};
+use crate::delivery::Dispatcher;
+use crate::metrics::{EnrollmentMetrics, Metrics, OutcomeLabel};
 use crate::registry::{Entry, WorkerState};
 
 /// Everything a worker needs besides its enrollment; one shared copy for all workers.
@@ -61,11 +61,16 @@ type Finished = (DeliveryInfo, Settlement);
 pub async fn run(ctx: WorkerContext, entry: Arc<Entry>, signals: StopSignals) {
     let status = &entry.status;
     let enrollment = &entry.enrollment;
-    let dispatcher = Arc::new(Dispatcher::new(
-        ctx.http.clone(),
-        &entry,
-        ctx.metrics.clone(),
-    ));
+    let dispatcher = match Dispatcher::new(ctx.http.clone(), &entry, &ctx.metrics) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            // Validated at enroll time; a stored URL that no longer parses stops here, visibly.
+            status.set_last_error(format!("target_url does not parse: {e}"));
+            status.set_state(WorkerState::Stopped);
+            tracing::error!(error = %e, "target_url does not parse; worker not started");
+            return;
+        }
+    };
     let max_in_flight = dispatcher.policy().max_in_flight;
     // Credit at least covers the POSTs allowed in flight, so none of them waits on the broker.
     let credit = enrollment
@@ -76,11 +81,20 @@ pub async fn run(ctx: WorkerContext, entry: Arc<Entry>, signals: StopSignals) {
     let mut backoff = Backoff::new(ctx.reconnect);
     loop {
         status.set_state(WorkerState::Connecting);
-        let opened = tokio::select! {
-            biased;
-            _ = signals.stop.cancelled() => break,
-            opened = AmqpLink::open(&ctx.broker, enrollment, credit, ctx.failure_policy) => opened,
-        };
+        // Not raced against the stop signal: dropping a half-open connection would leave it
+        // to linger on the broker. Opening is bounded by AMQP_CONNECT_TIMEOUT_MS, and a link
+        // that comes up after the signal is closed again at once.
+        let opened = AmqpLink::open(&ctx.broker, enrollment, credit, ctx.failure_policy).await;
+        if signals.stop.is_cancelled() {
+            if let Ok(link) = opened {
+                if signals.remove.is_cancelled() {
+                    link.close().await;
+                } else {
+                    link.detach().await;
+                }
+            }
+            break;
+        }
         let failure = match opened {
             Ok(mut link) => {
                 let outcome = link.failure_outcome();
@@ -88,16 +102,7 @@ pub async fn run(ctx: WorkerContext, entry: Arc<Entry>, signals: StopSignals) {
                 status.set_state(WorkerState::Active);
                 tracing::info!(failure_outcome = %outcome, credit, max_in_flight, "attached");
                 let attached_at = Instant::now();
-                match receive_loop(
-                    &ctx.metrics,
-                    &entry,
-                    &dispatcher,
-                    &signals,
-                    &mut link,
-                    credit,
-                )
-                .await
-                {
+                match receive_loop(&entry, &dispatcher, &signals, &mut link, credit).await {
                     LinkEnd::Stopped => {
                         link.detach().await;
                         break;
@@ -136,49 +141,43 @@ pub async fn run(ctx: WorkerContext, entry: Arc<Entry>, signals: StopSignals) {
 }
 
 async fn receive_loop(
-    metrics: &Metrics,
     entry: &Entry,
     dispatcher: &Arc<Dispatcher>,
     signals: &StopSignals,
     link: &mut AmqpLink,
     credit: u32,
 ) -> LinkEnd {
+    let metrics = dispatcher.metrics();
     let max_in_flight = dispatcher.policy().max_in_flight as usize;
     let mut in_flight: JoinSet<Finished> = JoinSet::new();
     let mut breaker = dispatcher.breaker.subscribe();
+    let mut credit = CreditFollower {
+        credit,
+        granted: credit,
+    };
     // A breaker that opened during an earlier link must not get fresh credit now.
-    let mut granted = credit;
-    if dispatcher.breaker.state() == BreakerState::Open {
-        granted = 0;
-        if let Err(e) = link.set_credit(0).await {
-            return LinkEnd::Failed(e);
-        }
+    if let Err(e) = credit.follow(link, dispatcher.breaker.state()).await {
+        return LinkEnd::Failed(e);
     }
     entry.status.set_breaker(dispatcher.breaker.state());
     let end = loop {
         // Only cancel-safe futures here: `cancelled`, `join_next`, `changed` and `recv`
-        // (fe2o3-amqp #22). The POSTs run in their own tasks.
+        // (fe2o3-amqp #22). The POSTs run in their own tasks, or inline below.
         tokio::select! {
             biased;
             _ = signals.stop.cancelled() => {
                 break if signals.remove.is_cancelled() { LinkEnd::Removed } else { LinkEnd::Stopped };
             }
             Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
-                if let Err(e) = settle(metrics, entry, link, joined).await {
+                if let Err(e) = settle(entry, link, metrics, joined).await {
                     break LinkEnd::Failed(e);
                 }
             }
             Ok(()) = breaker.changed() => {
                 let state = *breaker.borrow_and_update();
                 entry.status.set_breaker(state);
-                // Open: no credit, so messages wait in the broker with their delivery count
-                // untouched. Half-open keeps it at 0 too; the probe uses a message in hand.
-                let wanted = if state == BreakerState::Closed { credit } else { 0 };
-                if wanted != granted {
-                    if let Err(e) = link.set_credit(wanted).await {
-                        break LinkEnd::Failed(e);
-                    }
-                    granted = wanted;
+                if let Err(e) = credit.follow(link, state).await {
+                    break LinkEnd::Failed(e);
                 }
             }
             received = link.recv(), if in_flight.len() < max_in_flight => {
@@ -192,7 +191,7 @@ async fn receive_loop(
                         if let Err(e) = link.settle(info, Settlement::Reject(format!("undecodable message: {reason}"))).await {
                             break LinkEnd::Failed(e);
                         }
-                        metrics.delivery(entry.enrollment.id, OutcomeLabel::Rejected);
+                        metrics.delivery(OutcomeLabel::Rejected);
                         continue;
                     }
                     Err(e) => break LinkEnd::Failed(e),
@@ -200,15 +199,39 @@ async fn receive_loop(
                 let header = delivery.message().header.as_ref();
                 let delivery_count = header.map_or(0, |h| h.delivery_count);
                 if delivery_count > 0 || header.is_some_and(|h| !h.first_acquirer) {
-                    metrics.redelivery();
+                    metrics.shared().redelivery();
                 }
                 let (info, message) = delivery.into_parts();
-                let request = PushRequest::from_message(&message, entry.enrollment.id, delivery_count);
+                let request = dispatcher.request_for(&message, delivery_count);
                 drop(message);
+                entry.status.add_in_flight(1);
+                metrics.shared().in_flight(1);
+                if max_in_flight == 1 {
+                    // One at a time: deliver on this task and save a spawn and a cross-thread
+                    // wake-up per message. The breaker is still followed meanwhile.
+                    let delivering = dispatcher.deliver(&request, signals);
+                    tokio::pin!(delivering);
+                    let mut credit_error = None;
+                    let settlement = loop {
+                        tokio::select! {
+                            settlement = &mut delivering => break settlement,
+                            Ok(()) = breaker.changed(), if credit_error.is_none() => {
+                                let state = *breaker.borrow_and_update();
+                                entry.status.set_breaker(state);
+                                credit_error = credit.follow(link, state).await.err();
+                            }
+                        }
+                    };
+                    if let Err(e) = settle(entry, link, metrics, Ok((info, settlement))).await {
+                        break LinkEnd::Failed(e);
+                    }
+                    if let Some(e) = credit_error {
+                        break LinkEnd::Failed(e);
+                    }
+                    continue;
+                }
                 let dispatcher = Arc::clone(dispatcher);
                 let signals = signals.clone();
-                entry.status.add_in_flight(1);
-                metrics.in_flight(1);
                 in_flight.spawn(
                     async move {
                         let settlement = dispatcher.deliver(&request, &signals).await;
@@ -230,24 +253,50 @@ async fn receive_loop(
     while let Some(joined) = in_flight.join_next().await {
         if matches!(end, LinkEnd::Failed(_)) {
             entry.status.add_in_flight(-1);
-            metrics.in_flight(-1);
+            metrics.shared().in_flight(-1);
             continue;
         }
-        if let Err(e) = settle(metrics, entry, link, joined).await {
+        if let Err(e) = settle(entry, link, metrics, joined).await {
             tracing::debug!(error = %e, "settling while stopping failed");
         }
     }
     end
 }
 
+/// Link credit that follows the breaker: none while it is open or half-open, so messages wait
+/// in the broker with their delivery count untouched (the probe uses a message in hand).
+struct CreditFollower {
+    credit: u32,
+    granted: u32,
+}
+
+impl CreditFollower {
+    async fn follow(
+        &mut self,
+        link: &mut AmqpLink,
+        breaker: BreakerState,
+    ) -> Result<(), LinkError> {
+        let wanted = if breaker == BreakerState::Closed {
+            self.credit
+        } else {
+            0
+        };
+        if wanted != self.granted {
+            link.set_credit(wanted).await?;
+            self.granted = wanted;
+        }
+        Ok(())
+    }
+}
+
 async fn settle(
-    metrics: &Metrics,
     entry: &Entry,
     link: &mut AmqpLink,
+    metrics: &EnrollmentMetrics,
     joined: Result<Finished, tokio::task::JoinError>,
 ) -> Result<(), LinkError> {
     entry.status.add_in_flight(-1);
-    metrics.in_flight(-1);
+    metrics.shared().in_flight(-1);
     match joined {
         Ok((info, settlement)) => {
             let outcome = match (&settlement, link.failure_outcome()) {
@@ -260,7 +309,7 @@ async fn settle(
                 (Settlement::Fail, FailureOutcome::Modified) => OutcomeLabel::Modified,
             };
             link.settle(info, settlement).await?;
-            metrics.delivery(entry.enrollment.id, outcome);
+            metrics.delivery(outcome);
             Ok(())
         }
         // The message's DeliveryInfo went down with the task; only a new link returns it.

@@ -393,11 +393,17 @@ async fn fifty_enrollments_churning_under_traffic_leak_no_connection() {
         api.wait_state(id, "active", Duration::from_secs(30)).await;
     }
     let pid = child.id();
+    let seen = std::sync::Mutex::new(0);
     let daemon_ports = wait_for("10 broker connections", Duration::from_secs(30), || async {
         let ports = broker_ports_of(pid);
+        *seen.lock().expect("lock") = ports.len();
         (ports.len() == kept.len()).then_some(ports)
     })
     .await;
+    println!(
+        "the daemon holds {} broker connections",
+        seen.lock().expect("lock")
+    );
     wait_for(
         "the broker to count the same",
         Duration::from_secs(30),
