@@ -52,13 +52,36 @@ async fn wait_all(target: &Target, prefix: &str, n: usize, limit: Duration) -> T
     }
 }
 
-fn spawn_daemon(db: &Path, port: u16, log: &Path) -> Child {
+fn spawn_daemon(db: &Path, port: u16, log: &Path) -> DaemonProcess {
     spawn_daemon_with(db, port, log, &[])
 }
 
-fn spawn_daemon_with(db: &Path, port: u16, log: &Path, extra: &[(&str, &str)]) -> Child {
+/// A daemon process that is killed when the test ends, also when an assertion fails.
+struct DaemonProcess(Child);
+
+impl std::ops::Deref for DaemonProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DaemonProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_daemon_with(db: &Path, port: u16, log: &Path, extra: &[(&str, &str)]) -> DaemonProcess {
     let log = std::fs::File::create(log).expect("log file");
-    Command::new(env!("CARGO_BIN_EXE_hot-potato"))
+    let child = Command::new(env!("CARGO_BIN_EXE_hot-potato"))
         .env_clear()
         .envs(daemon_env(db, port))
         .envs(extra.iter().copied())
@@ -67,7 +90,8 @@ fn spawn_daemon_with(db: &Path, port: u16, log: &Path, extra: &[(&str, &str)]) -
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .spawn()
-        .expect("daemon starts")
+        .expect("daemon starts");
+    DaemonProcess(child)
 }
 
 async fn wait_healthy(api: &Api) {
