@@ -535,3 +535,42 @@ async fn a_connection_pool_carries_many_enrollments_on_few_connections() {
         mgmt.delete_queue(q).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_is_dead_lettered_and_the_worker_goes_on() {
+    let mgmt = Management::new();
+    let queue = unique("malformed");
+    let dlq = mgmt.declare_with_dead_letter(&queue, 5).await;
+    // Two amqp-value sections ("foo", "bar") and a cut-off third: not a valid message.
+    let malformed = [
+        0x00, 0x53, 0x77, 0xa1, 0x03, b'f', b'o', b'o', 0x00, 0x53, 0x77, 0xa1, 0x03, b'b', b'a',
+        b'r', 0x00, 0x53, 0x77,
+    ];
+    mgmt.publish_raw(&queue, &malformed, true).await;
+    let mut publisher = Publisher::connect(&queue).await;
+    publisher.send_numbered("good", 0..3).await;
+    let target = Target::start().await;
+    let (_dir, db) = temp_db();
+    let daemon = Daemon::start(&db).await;
+    let id = daemon.api.enroll_queue(&queue, &target.url()).await;
+    wait_for("the good messages", Duration::from_secs(20), || async {
+        (target.accepted_bodies().len() == 3).then_some(())
+    })
+    .await;
+    mgmt.wait_depth(&dlq, 1, Duration::from_secs(20)).await;
+    mgmt.wait_depth(&queue, 0, Duration::from_secs(20)).await;
+    assert_eq!(target.count(), 3, "the malformed message was never POSTed");
+    let e = daemon.api.enrollment(&id).await;
+    assert_eq!(e["rejected"], 1, "{e}");
+    assert!(
+        e["last_error"]
+            .as_str()
+            .is_some_and(|s| s.contains("undecodable")),
+        "{e}"
+    );
+    assert_eq!(e["state"], "active");
+    publisher.close().await;
+    daemon.stop().await;
+    mgmt.delete_queue(&queue).await;
+    mgmt.delete_queue(&dlq).await;
+}

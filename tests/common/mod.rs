@@ -165,6 +165,35 @@ impl Management {
         .await
     }
 
+    /// Publishes raw bytes through the management API. With `amqp_1_0_sections`, RabbitMQ's
+    /// AMQP 1.0 plugin hands the bytes to 1.0 consumers as the encoded message itself, which
+    /// is how a malformed message can be put on a queue.
+    pub async fn publish_raw(&self, queue: &str, payload: &[u8], amqp_1_0_sections: bool) {
+        use base64::Engine as _;
+        let mut properties = json!({});
+        if amqp_1_0_sections {
+            properties["type"] = json!("amqp-1.0");
+        }
+        let res = self
+            .http
+            .post(format!(
+                "{}/api/exchanges/%2F/amq.default/publish",
+                self.base
+            ))
+            .basic_auth("guest", Some("guest"))
+            .json(&json!({
+                "properties": properties,
+                "routing_key": queue,
+                "payload": base64::engine::general_purpose::STANDARD.encode(payload),
+                "payload_encoding": "base64",
+            }))
+            .send()
+            .await
+            .expect("management API reachable");
+        let body: Value = res.json().await.expect("json");
+        assert_eq!(body["routed"], true, "{body}");
+    }
+
     pub async fn delete_queue(&self, name: &str) {
         let _ = self
             .http
