@@ -58,12 +58,34 @@ pub struct SessionLease {
     owned: Option<ConnectionHandle<()>>,
 }
 
+/// How long a session may take to end, or a connection to close, before it is left behind.
+const END_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl SessionLease {
-    /// Ends the session, and closes the connection if it is this enrollment's own.
+    /// Ends the session, or closes the connection when it is this enrollment's own (which
+    /// ends its session too). Bounded in time: fe2o3-amqp 0.18's session task busy-polls
+    /// once its links are gone until the broker's `end` arrives, so it must not be left
+    /// waiting on a broker that never answers.
     pub async fn end(mut self) {
-        let _ = self.session.end().await;
-        if let Some(mut connection) = self.owned.take() {
-            let _ = connection.close().await;
+        match self.owned.take() {
+            Some(mut connection) => {
+                if tokio::time::timeout(END_TIMEOUT, connection.close())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "the broker did not confirm closing the connection; dropping it"
+                    );
+                }
+            }
+            None => {
+                if tokio::time::timeout(END_TIMEOUT, self.session.end())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("the broker did not confirm ending the session; dropping it");
+                }
+            }
         }
     }
 }

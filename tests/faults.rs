@@ -5,8 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -52,61 +51,6 @@ async fn wait_all(target: &Target, prefix: &str, n: usize, limit: Duration) -> T
     }
 }
 
-fn spawn_daemon(db: &Path, port: u16, log: &Path) -> DaemonProcess {
-    spawn_daemon_with(db, port, log, &[])
-}
-
-/// A daemon process that is killed when the test ends, also when an assertion fails.
-struct DaemonProcess(Child);
-
-impl std::ops::Deref for DaemonProcess {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for DaemonProcess {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for DaemonProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_daemon_with(db: &Path, port: u16, log: &Path, extra: &[(&str, &str)]) -> DaemonProcess {
-    let log = std::fs::File::create(log).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_hot-potato"))
-        .env_clear()
-        .envs(daemon_env(db, port))
-        .envs(extra.iter().copied())
-        .env("LOG_LEVEL", "warn")
-        .env("API_RATE_LIMIT_PER_MIN", "0")
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("daemon starts");
-    DaemonProcess(child)
-}
-
-async fn wait_healthy(api: &Api) {
-    wait_for("the daemon to serve", Duration::from_secs(20), || async {
-        let res = api
-            .http
-            .get(format!("{}/health", api.base))
-            .send()
-            .await
-            .ok()?;
-        res.status().is_success().then_some(())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_the_middle_of_ten_thousand_loses_nothing() {
     let mgmt = Management::new();
@@ -117,8 +61,8 @@ async fn kill_9_in_the_middle_of_ten_thousand_loses_nothing() {
     let port = free_port();
     let api = Api::new(&format!("http://127.0.0.1:{port}"));
     let log = dir.path().join("daemon.log");
-    let mut child = spawn_daemon(&db, port, &log);
-    wait_healthy(&api).await;
+    let mut child = spawn_daemon(&db, port, Some(&log), &[]);
+    api.wait_healthy().await;
     let id = api.enroll_queue(&queue, &target.url()).await;
     api.wait_state(&id, "active", Duration::from_secs(20)).await;
     let n = 10_000;
@@ -133,8 +77,8 @@ async fn kill_9_in_the_middle_of_ten_thousand_loses_nothing() {
     child.kill().expect("SIGKILL");
     let _ = child.wait();
     let before = target.count();
-    let mut child = spawn_daemon(&db, port, &log);
-    wait_healthy(&api).await;
+    let mut child = spawn_daemon(&db, port, Some(&log), &[]);
+    api.wait_healthy().await;
     let t = wait_all(&target, "k", n, Duration::from_secs(120)).await;
     mgmt.wait_depth(&queue, 0, Duration::from_secs(30)).await;
     println!(
@@ -383,8 +327,8 @@ async fn fifty_enrollments_churning_under_traffic_leak_no_connection() {
     let port = free_port();
     let api = Api::new(&format!("http://127.0.0.1:{port}"));
     let log = dir.path().join("daemon.log");
-    let mut child = spawn_daemon(&db, port, &log);
-    wait_healthy(&api).await;
+    let mut child = spawn_daemon(&db, port, Some(&log), &[]);
+    api.wait_healthy().await;
     let queues: Vec<String> = (0..50).map(|i| unique(&format!("churn{i}"))).collect();
     for q in &queues {
         mgmt.declare_classic(q).await;
@@ -489,8 +433,8 @@ async fn a_connection_pool_carries_many_enrollments_on_few_connections() {
     let port = free_port();
     let api = Api::new(&format!("http://127.0.0.1:{port}"));
     let log = dir.path().join("daemon.log");
-    let mut child = spawn_daemon_with(&db, port, &log, &[("AMQP_CONNECTION_POOL", "2")]);
-    wait_healthy(&api).await;
+    let mut child = spawn_daemon(&db, port, Some(&log), &[("AMQP_CONNECTION_POOL", "2")]);
+    api.wait_healthy().await;
     let queues: Vec<String> = (0..10).map(|i| unique(&format!("pool{i}"))).collect();
     let mut ids = Vec::new();
     for q in &queues {

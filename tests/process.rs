@@ -3,36 +3,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::*;
-
-fn spawn_daemon(db: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_hot-potato"))
-        .env_clear()
-        .envs(daemon_env(db, port))
-        .env("LOG_LEVEL", "warn")
-        .current_dir(db.parent().expect("db dir"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("daemon starts")
-}
-
-async fn wait_healthy(api: &Api) {
-    wait_for("the daemon to serve", Duration::from_secs(20), || async {
-        let res = api
-            .http
-            .get(format!("{}/health", api.base))
-            .send()
-            .await
-            .ok()?;
-        res.status().is_success().then_some(())
-    })
-    .await;
-}
 
 fn signal(child: &Child, name: &str) {
     let status = Command::new("kill")
@@ -67,8 +41,8 @@ async fn killed_daemon_resumes_from_its_file_and_loses_nothing() {
     let port = free_port();
     let api = Api::new(&format!("http://127.0.0.1:{port}"));
 
-    let mut child = spawn_daemon(&db, port);
-    wait_healthy(&api).await;
+    let mut child = spawn_daemon(&db, port, None, &[]);
+    api.wait_healthy().await;
     let id = api.enroll_queue(&queue, &target.url()).await;
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("k", 0..2000).await;
@@ -84,8 +58,8 @@ async fn killed_daemon_resumes_from_its_file_and_loses_nothing() {
     let before = target.accepted_bodies().len();
     publisher.send_numbered("k", 2000..3000).await;
 
-    let mut child = spawn_daemon(&db, port);
-    wait_healthy(&api).await;
+    let mut child = spawn_daemon(&db, port, None, &[]);
+    api.wait_healthy().await;
     let back = api.enrollment(&id).await;
     assert_eq!(back["queue"], address(&queue));
     wait_for("all 3000 delivered", Duration::from_secs(90), || async {
@@ -136,8 +110,8 @@ async fn sigterm_lets_the_post_in_flight_finish_and_exits_zero() {
     let (_dir, db) = temp_db();
     let port = free_port();
     let api = Api::new(&format!("http://127.0.0.1:{port}"));
-    let mut child = spawn_daemon(&db, port);
-    wait_healthy(&api).await;
+    let mut child = spawn_daemon(&db, port, None, &[]);
+    api.wait_healthy().await;
     let id = api.enroll_queue(&queue, &slow_url).await;
     api.wait_state(&id, "active", Duration::from_secs(20)).await;
     let mut publisher = Publisher::connect(&queue).await;

@@ -596,3 +596,71 @@ impl Drop for HangingTarget {
         self.task.abort();
     }
 }
+
+/// The daemon binary as a child process, killed when the test ends (also on a failed
+/// assertion) so no daemon outlives its test.
+pub struct DaemonProcess(pub std::process::Child);
+
+impl std::ops::Deref for DaemonProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DaemonProcess {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary on `db` and `port` (LOG_LEVEL=warn, no change limit), its output to
+/// `log` when given, else stderr.
+pub fn spawn_daemon(
+    db: &Path,
+    port: u16,
+    log: Option<&Path>,
+    extra: &[(&str, &str)],
+) -> DaemonProcess {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hot-potato"));
+    cmd.env_clear()
+        .envs(daemon_env(db, port))
+        .env("LOG_LEVEL", "warn")
+        .env("API_RATE_LIMIT_PER_MIN", "0")
+        .envs(extra.iter().copied())
+        .current_dir(db.parent().expect("db dir"));
+    match log {
+        Some(path) => {
+            let file = std::fs::File::create(path).expect("log file");
+            cmd.stdout(file.try_clone().expect("log file")).stderr(file);
+        }
+        None => {
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::inherit());
+        }
+    }
+    DaemonProcess(cmd.spawn().expect("daemon starts"))
+}
+
+impl Api {
+    /// Waits until the daemon answers `/health`.
+    pub async fn wait_healthy(&self) {
+        wait_for("the daemon to serve", Duration::from_secs(20), || async {
+            let res = self
+                .http
+                .get(format!("{}/health", self.base))
+                .send()
+                .await
+                .ok()?;
+            res.status().is_success().then_some(())
+        })
+        .await;
+    }
+}
