@@ -33,11 +33,7 @@ async fn worker_reconnects_after_a_broker_restart_and_loses_nothing() {
     let target = Target::start().await;
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = daemon.api.enroll_queue(&queue, &target.url()).await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
+    let id = daemon.api.enroll_active(&queue, &target.url()).await;
 
     // Ten thousand numbered messages; the broker goes down while they flow.
     let n = 10_000;

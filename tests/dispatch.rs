@@ -30,11 +30,7 @@ async fn thousand_messages_arrive_once_each_in_order() {
     let target = Target::start().await;
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = daemon.api.enroll_queue(&queue, &target.url()).await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
+    let id = daemon.api.enroll_active(&queue, &target.url()).await;
 
     let mut publisher = Publisher::connect(&queue).await;
     let started = Instant::now();
@@ -212,11 +208,7 @@ async fn delete_hands_back_the_message_in_flight() {
     let silent_url = silent.url.clone();
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = daemon.api.enroll_queue(&queue, &silent_url).await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
+    let id = daemon.api.enroll_active(&queue, &silent_url).await;
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("held", 0..1).await;
     // The message is in hand (unacknowledged) while the POST hangs.
@@ -255,11 +247,7 @@ async fn message_metadata_arrives_as_headers() {
     let target = Target::start().await;
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = daemon.api.enroll_queue(&queue, &target.url()).await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
+    let id = daemon.api.enroll_active(&queue, &target.url()).await;
 
     let mut publisher = Publisher::connect(&queue).await;
     let body = json!({"order": 17, "items": ["a", "b"]}).to_string();

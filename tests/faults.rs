@@ -63,8 +63,7 @@ async fn kill_9_in_the_middle_of_ten_thousand_loses_nothing() {
     let log = dir.path().join("daemon.log");
     let mut child = spawn_daemon(&db, port, Some(&log), &[]);
     api.wait_healthy().await;
-    let id = api.enroll_queue(&queue, &target.url()).await;
-    api.wait_state(&id, "active", Duration::from_secs(20)).await;
+    api.enroll_active(&queue, &target.url()).await;
     let n = 10_000;
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("k", 0..n).await;
@@ -101,11 +100,7 @@ async fn a_flapping_target_loses_and_dead_letters_nothing_with_default_settings(
     let mut target = Target::start().await;
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = daemon.api.enroll_queue(&queue, &target.url()).await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
+    let id = daemon.api.enroll_active(&queue, &target.url()).await;
     let n = 5_000;
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("f", 0..n).await;
@@ -176,11 +171,7 @@ async fn a_read_only_store_refuses_changes_but_delivery_goes_on() {
     let target = Target::start().await;
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = daemon.api.enroll_queue(&queue, &target.url()).await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
+    let id = daemon.api.enroll_active(&queue, &target.url()).await;
     // The -shm file is memory-mapped; freezing it would fault the process, and SQLite cannot
     // commit without writing the main file or the WAL anyway.
     let files: Vec<_> = ["", "-wal"]

@@ -287,11 +287,7 @@ async fn pause_keeps_messages_in_the_broker_across_a_restart_and_resume_delivers
     let target = Target::start().await;
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = daemon.api.enroll_queue(&queue, &target.url()).await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
+    let id = daemon.api.enroll_active(&queue, &target.url()).await;
     let pause = |api: Api, action: &'static str, id: String| async move {
         let res = api
             .http

@@ -112,8 +112,7 @@ async fn sigterm_lets_the_post_in_flight_finish_and_exits_zero() {
     let api = Api::new(&format!("http://127.0.0.1:{port}"));
     let mut child = spawn_daemon(&db, port, None, &[]);
     api.wait_healthy().await;
-    let id = api.enroll_queue(&queue, &slow_url).await;
-    api.wait_state(&id, "active", Duration::from_secs(20)).await;
+    api.enroll_active(&queue, &slow_url).await;
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("t", 0..3).await;
     wait_for("a POST in flight", Duration::from_secs(10), || async {

@@ -518,6 +518,14 @@ impl Api {
         e["id"].as_str().expect("id").to_string()
     }
 
+    /// Enrolls `queue` for `target` and waits until its link is attached.
+    pub async fn enroll_active(&self, queue: &str, target: &str) -> String {
+        let id = self.enroll_queue(queue, target).await;
+        self.wait_state(&id, "active", Duration::from_secs(20))
+            .await;
+        id
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let res = self
             .http
