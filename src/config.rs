@@ -175,8 +175,6 @@ pub struct Config {
     /// A `tracing_subscriber::EnvFilter` directive such as `info` or `hot_potato=debug`.
     pub log_level: String,
     pub log_format: LogFormat,
-    /// Upper bound for one POST, connect to last body byte.
-    pub delivery_timeout: Duration,
     /// How long in-flight POSTs may run on SIGINT/SIGTERM before their tasks are aborted.
     pub shutdown_grace: Duration,
     /// How a failed delivery is handed back; `auto` follows the broker's advertised outcomes.
@@ -361,7 +359,6 @@ impl Config {
             sqlite_path: raw.sqlite_backup_path,
             log_level: raw.log_level,
             log_format,
-            delivery_timeout: Duration::from_millis(raw.delivery_timeout_ms),
             shutdown_grace: Duration::from_millis(raw.shutdown_grace_ms),
             failure_outcome,
             default_prefetch: raw.default_prefetch,
@@ -404,7 +401,6 @@ impl fmt::Debug for Config {
             .field("sqlite_path", &self.sqlite_path)
             .field("log_level", &self.log_level)
             .field("log_format", &self.log_format)
-            .field("delivery_timeout", &self.delivery_timeout)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("failure_outcome", &self.failure_outcome)
             .field("default_prefetch", &self.default_prefetch)

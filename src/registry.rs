@@ -459,22 +459,22 @@ impl Registry {
 
     /// All enrollments, oldest first.
     pub fn list(&self) -> Vec<EnrollmentView> {
-        let mut entries: Vec<Arc<Entry>> = self.read_map(|m| m.values().cloned().collect());
-        entries.sort_by(|a, b| {
-            (&a.enrollment.created_at, a.enrollment.id)
-                .cmp(&(&b.enrollment.created_at, b.enrollment.id))
-        });
-        entries.iter().map(|e| e.view()).collect()
+        self.sorted_entries().iter().map(|e| e.view()).collect()
     }
 
     /// Per-enrollment stats, oldest first.
     pub fn stats(&self) -> Vec<EnrollmentStats> {
+        self.sorted_entries().iter().map(|e| e.stats()).collect()
+    }
+
+    /// Every entry, oldest first (ties broken by id so the order is stable).
+    fn sorted_entries(&self) -> Vec<Arc<Entry>> {
         let mut entries: Vec<Arc<Entry>> = self.read_map(|m| m.values().cloned().collect());
         entries.sort_by(|a, b| {
             (&a.enrollment.created_at, a.enrollment.id)
                 .cmp(&(&b.enrollment.created_at, b.enrollment.id))
         });
-        entries.iter().map(|e| e.stats()).collect()
+        entries
     }
 
     pub fn get(&self, id: Uuid) -> Option<Arc<Entry>> {

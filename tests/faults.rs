@@ -11,6 +11,20 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 
+/// Starts the daemon binary on `db` with its log in `dir`, and waits until it serves.
+async fn daemon_process(
+    dir: &tempfile::TempDir,
+    db: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> (DaemonProcess, Api, std::path::PathBuf) {
+    let port = free_port();
+    let api = Api::new(&format!("http://127.0.0.1:{port}"));
+    let log = dir.path().join("daemon.log");
+    let child = spawn_daemon(db, port, Some(&log), extra);
+    api.wait_healthy().await;
+    (child, api, log)
+}
+
 /// Per-number tally of accepted POSTs.
 struct Tally {
     missing: Vec<usize>,
@@ -58,11 +72,7 @@ async fn kill_9_in_the_middle_of_ten_thousand_loses_nothing() {
     mgmt.declare_quorum(&queue).await;
     let target = Target::start().await;
     let (dir, db) = temp_db();
-    let port = free_port();
-    let api = Api::new(&format!("http://127.0.0.1:{port}"));
-    let log = dir.path().join("daemon.log");
-    let mut child = spawn_daemon(&db, port, Some(&log), &[]);
-    api.wait_healthy().await;
+    let (mut child, api, log) = daemon_process(&dir, &db, &[]).await;
     api.enroll_active(&queue, &target.url()).await;
     let n = 10_000;
     let mut publisher = Publisher::connect(&queue).await;
@@ -76,7 +86,8 @@ async fn kill_9_in_the_middle_of_ten_thousand_loses_nothing() {
     child.kill().expect("SIGKILL");
     let _ = child.wait();
     let before = target.count();
-    let mut child = spawn_daemon(&db, port, Some(&log), &[]);
+    // Same file, same port: the client above keeps working.
+    let mut child = spawn_daemon(&db, api.port(), Some(&log), &[]);
     api.wait_healthy().await;
     let t = wait_all(&target, "k", n, Duration::from_secs(120)).await;
     mgmt.wait_depth(&queue, 0, Duration::from_secs(30)).await;
@@ -315,11 +326,7 @@ async fn fifty_enrollments_churning_under_traffic_leak_no_connection() {
     let mgmt = Management::new();
     let target = Target::start().await;
     let (dir, db) = temp_db();
-    let port = free_port();
-    let api = Api::new(&format!("http://127.0.0.1:{port}"));
-    let log = dir.path().join("daemon.log");
-    let mut child = spawn_daemon(&db, port, Some(&log), &[]);
-    api.wait_healthy().await;
+    let (mut child, api, log) = daemon_process(&dir, &db, &[]).await;
     let queues: Vec<String> = (0..50).map(|i| unique(&format!("churn{i}"))).collect();
     for q in &queues {
         mgmt.declare_classic(q).await;
@@ -421,11 +428,7 @@ async fn a_connection_pool_carries_many_enrollments_on_few_connections() {
     let mgmt = Management::new();
     let target = Target::start().await;
     let (dir, db) = temp_db();
-    let port = free_port();
-    let api = Api::new(&format!("http://127.0.0.1:{port}"));
-    let log = dir.path().join("daemon.log");
-    let mut child = spawn_daemon(&db, port, Some(&log), &[("AMQP_CONNECTION_POOL", "2")]);
-    api.wait_healthy().await;
+    let (mut child, api, _log) = daemon_process(&dir, &db, &[("AMQP_CONNECTION_POOL", "2")]).await;
     let queues: Vec<String> = (0..10).map(|i| unique(&format!("pool{i}"))).collect();
     let mut ids = Vec::new();
     for q in &queues {

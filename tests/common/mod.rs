@@ -518,6 +518,15 @@ impl Api {
         e["id"].as_str().expect("id").to_string()
     }
 
+    /// The port the daemon under this client listens on.
+    pub fn port(&self) -> u16 {
+        self.base
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("base URL ends with a port")
+    }
+
     /// Enrolls `queue` for `target` and waits until its link is attached.
     pub async fn enroll_active(&self, queue: &str, target: &str) -> String {
         let id = self.enroll_queue(queue, target).await;
