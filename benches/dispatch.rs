@@ -66,6 +66,8 @@ const DEPTH_LIMIT: Duration = Duration::from_secs(60);
 const HEALTH_LIMIT: Duration = Duration::from_secs(20);
 const ACTIVE_LIMIT: Duration = Duration::from_secs(30);
 const STOP_LIMIT: Duration = Duration::from_secs(20);
+/// How long one AMQP close step (link, session, connection) may wait for the broker.
+const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 /// Broker sockets left for everybody else when the scale scenario checks the broker's room.
 const SOCKET_MARGIN: u64 = 40;
 /// Publisher connections of the scale scenario.
@@ -511,12 +513,14 @@ impl Publisher {
         Ok(())
     }
 
+    /// Each step bounded: fe2o3 0.18 now and then never sees RabbitMQ 3.10's answer to an
+    /// End, and closing the connection ends it all.
     async fn close(mut self) {
         for s in self.senders.drain(..) {
-            let _ = s.close().await;
+            let _ = tokio::time::timeout(CLOSE_LIMIT, s.close()).await;
         }
-        let _ = self.session.end().await;
-        let _ = self.connection.close().await;
+        let _ = tokio::time::timeout(CLOSE_LIMIT, self.session.end()).await;
+        let _ = tokio::time::timeout(CLOSE_LIMIT, self.connection.close()).await;
     }
 }
 
@@ -1021,9 +1025,9 @@ async fn ceiling(s: &Settings, mgmt: &Management, nodelay: bool) -> Result<(f64,
             receiver.accept(&delivery).await?;
         }
         let elapsed = started.elapsed();
-        let _ = receiver.close().await;
-        let _ = session.end().await;
-        let _ = connection.close().await;
+        let _ = tokio::time::timeout(CLOSE_LIMIT, receiver.close()).await;
+        let _ = tokio::time::timeout(CLOSE_LIMIT, session.end()).await;
+        let _ = tokio::time::timeout(CLOSE_LIMIT, connection.close()).await;
         anyhow::Ok(elapsed)
     })
     .await

@@ -66,6 +66,11 @@ impl fmt::Display for FailureOutcome {
 
 const MODIFIED_OUTCOME: &str = "amqp:modified:list";
 
+/// How long a detach or link close may wait for the broker's answer. A broker that never
+/// answers must not hold a DELETE or a shutdown: the session is ended (or the connection
+/// closed) after it, which settles the link on the broker's side anyway.
+const LINK_END_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Picks the failure outcome from the policy and the `outcomes` of the broker's source.
 ///
 /// An empty or absent list means the broker supports every outcome (AMQP 1.0 §3.5.3), so
@@ -297,10 +302,15 @@ impl AmqpLink {
             mut receiver,
             ..
         } = self;
-        // Stop the flow first so nothing new arrives while the link winds down.
-        let _ = receiver.set_credit(0).await;
-        if let Err((_, e)) = receiver.detach().await {
-            tracing::debug!(error = %e, "detach was not clean");
+        let detach = async {
+            // Stop the flow first so nothing new arrives while the link winds down.
+            let _ = receiver.set_credit(0).await;
+            receiver.detach().await.map_err(|(_, e)| e)
+        };
+        match tokio::time::timeout(LINK_END_TIMEOUT, detach).await {
+            Ok(Ok(_detached)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "detach was not clean"),
+            Err(_) => tracing::warn!("the broker did not answer the detach; ending the session"),
         }
         lease.end().await;
     }
@@ -312,9 +322,16 @@ impl AmqpLink {
             mut receiver,
             ..
         } = self;
-        let _ = receiver.set_credit(0).await;
-        if let Err(e) = receiver.close().await {
-            tracing::debug!(error = %e, "link close was not clean");
+        let close = async {
+            let _ = receiver.set_credit(0).await;
+            receiver.close().await
+        };
+        match tokio::time::timeout(LINK_END_TIMEOUT, close).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "link close was not clean"),
+            Err(_) => {
+                tracing::warn!("the broker did not answer the link close; ending the session")
+            }
         }
         lease.end().await;
     }

@@ -20,6 +20,7 @@ async fn raw_post(api: &Api, content_type: Option<&str>, body: Vec<u8>) -> (u16,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_refused_and_change_nothing() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
     let api = &daemon.api;
@@ -164,6 +165,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrollments_survive_a_restart_on_the_same_file() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("persist");
     mgmt.declare_classic(&queue).await;
@@ -203,6 +205,7 @@ async fn enrollments_survive_a_restart_on_the_same_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_store_write_answers_503_and_keeps_map_and_disk_in_step() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
     let body = json!({"queue": address(&unique("locked")), "target_url": "http://127.0.0.1:9/x"});
@@ -256,6 +259,7 @@ async fn a_failed_store_write_answers_503_and_keeps_map_and_disk_in_step() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_serves_while_the_broker_is_unreachable() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let (_dir, db) = temp_db();
     let closed_port = free_port();
     let url = format!("amqp://guest:topsecret@127.0.0.1:{closed_port}");
@@ -284,6 +288,7 @@ async fn the_daemon_serves_while_the_broker_is_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_args_reach_the_broker() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("args");
     mgmt.declare_classic(&queue).await;
@@ -325,6 +330,7 @@ fn run_binary(env: &[(&str, &str)]) -> std::process::Output {
 
 #[test]
 fn bad_configuration_exits_non_zero_naming_the_problem() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let dir = tempfile::tempdir().expect("tempdir");
     let garbage = dir.path().join("garbage.sqlite");
     std::fs::write(&garbage, vec![b'x'; 4096]).expect("write");

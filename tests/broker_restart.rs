@@ -27,6 +27,7 @@ impl Drop for RestartGuard {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_reconnects_after_a_broker_restart_and_loses_nothing() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("brokerrestart");
     mgmt.declare_quorum(&queue).await;

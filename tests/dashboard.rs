@@ -44,6 +44,7 @@ impl ChromeDriver {
         // Its own process group, so that Drop can take the browser down with it.
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command.spawn().expect("start chromedriver");
+        watch_child(child.id(), true);
         let driver = Self {
             child,
             url: format!("http://127.0.0.1:{port}"),
@@ -74,6 +75,7 @@ impl Drop for ChromeDriver {
             .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        unwatch_child(pid, true);
     }
 }
 
@@ -371,6 +373,7 @@ async fn scenario(c: &Client, base: &str, queue: &str, target: &Target) -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_enrolls_shows_deliveries_and_deletes() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     if !browser_available() {
         return;
     }

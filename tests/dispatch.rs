@@ -24,6 +24,7 @@ async fn enroll_handing_back_at_once(api: &Api, queue: &str, target: &str) -> St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_messages_arrive_once_each_in_order() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("order");
     mgmt.declare_quorum(&queue).await;
@@ -66,6 +67,7 @@ async fn thousand_messages_arrive_once_each_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_target_sends_the_message_to_the_dead_letter_queue_after_the_limit() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("dlq");
     let limit = 3;
@@ -101,6 +103,7 @@ async fn failing_target_sends_the_message_to_the_dead_letter_queue_after_the_lim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_lost_while_the_target_refuses_connections() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("down");
     mgmt.declare_classic(&queue).await;
@@ -143,6 +146,7 @@ async fn nothing_is_lost_while_the_target_refuses_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_stops_one_enrollment_and_leaves_the_others_flowing() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let (gone_q, kept_q) = (unique("gone"), unique("kept"));
     mgmt.declare_classic(&gone_q).await;
@@ -201,6 +205,7 @@ async fn delete_stops_one_enrollment_and_leaves_the_others_flowing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_hands_back_the_message_in_flight() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("inflight");
     mgmt.declare_classic(&queue).await;
@@ -241,6 +246,7 @@ async fn delete_hands_back_the_message_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_metadata_arrives_as_headers() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("meta");
     mgmt.declare_classic(&queue).await;

@@ -67,6 +67,7 @@ async fn wait_all(target: &Target, prefix: &str, n: usize, limit: Duration) -> T
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_the_middle_of_ten_thousand_loses_nothing() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("kill9");
     mgmt.declare_quorum(&queue).await;
@@ -105,6 +106,7 @@ async fn kill_9_in_the_middle_of_ten_thousand_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_target_loses_and_dead_letters_nothing_with_default_settings() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("flap");
     let dlq = mgmt.declare_with_dead_letter(&queue, 5).await;
@@ -176,6 +178,7 @@ impl Drop for Immutable {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_store_refuses_changes_but_delivery_goes_on() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("rostore");
     mgmt.declare_classic(&queue).await;
@@ -244,6 +247,7 @@ async fn a_read_only_store_refuses_changes_but_delivery_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_mebibyte_message_is_delivered_whole() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("big");
     mgmt.declare_classic(&queue).await;
@@ -323,6 +327,7 @@ async fn broker_connections_from(mgmt_ports: &[u16]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_enrollments_churning_under_traffic_leak_no_connection() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let target = Target::start().await;
     let (dir, db) = temp_db();
@@ -425,6 +430,7 @@ async fn futures_join<T: Send + 'static>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_pool_carries_many_enrollments_on_few_connections() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let target = Target::start().await;
     let (dir, db) = temp_db();
@@ -476,6 +482,7 @@ async fn a_connection_pool_carries_many_enrollments_on_few_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_message_is_dead_lettered_and_the_worker_goes_on() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("malformed");
     let dlq = mgmt.declare_with_dead_letter(&queue, 5).await;

@@ -45,6 +45,7 @@ async fn documented_routes(api: &Api) -> BTreeSet<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_is_documented_and_protected_by_the_token() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let (_dir, db) = temp_db();
     let daemon = Daemon::start_with(&db, &[("API_TOKEN", TOKEN)]).await;
     let api = &daemon.api;
@@ -133,6 +134,7 @@ async fn every_route_is_documented_and_protected_by_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_stats_count_real_deliveries_and_show_no_secret() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("metrics");
     mgmt.declare_classic(&queue).await;
@@ -245,6 +247,7 @@ async fn metrics_and_stats_count_real_deliveries_and_show_no_secret() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_store_and_the_workers() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("ready");
     mgmt.declare_classic(&queue).await;
@@ -281,6 +284,7 @@ async fn readiness_follows_the_store_and_the_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_keeps_messages_in_the_broker_across_a_restart_and_resume_delivers_them() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("pause");
     mgmt.declare_classic(&queue).await;
@@ -325,6 +329,7 @@ async fn pause_keeps_messages_in_the_broker_across_a_restart_and_resume_delivers
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_fields_and_never_the_body() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("jsonlog");
     mgmt.declare_classic(&queue).await;
@@ -332,7 +337,7 @@ async fn json_logs_carry_the_fields_and_never_the_body() {
     target.set_status(500);
     let (_dir, db) = temp_db();
     let port = free_port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hot-potato"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_hot-potato"))
         .env_clear()
         .envs(daemon_env(&db, port))
         .env("LOG_FORMAT", "json")
@@ -340,6 +345,9 @@ async fn json_logs_carry_the_fields_and_never_the_body() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("daemon starts");
+    watch_child(child.id(), false);
+    // Killed on every way out of the test, a failed assertion included.
+    let mut child = DaemonProcess(child);
     let api = Api::new(&format!("http://127.0.0.1:{port}"));
     wait_for("the daemon to serve", Duration::from_secs(20), || async {
         api.http
@@ -373,8 +381,10 @@ async fn json_logs_carry_the_fields_and_never_the_body() {
     })
     .await;
     let _ = child.kill();
-    let output = child.wait_with_output().expect("output");
-    let text = String::from_utf8_lossy(&output.stdout);
+    let _ = child.wait();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().expect("piped stdout"), &mut text)
+        .expect("daemon output");
     assert!(
         !text.contains("TOP-SECRET-BODY"),
         "a message body was logged"
@@ -402,6 +412,7 @@ async fn json_logs_carry_the_fields_and_never_the_body() {
 /// serving. A seeded generator makes a failure reproducible (the seed is printed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_requests_get_client_errors_and_the_daemon_keeps_serving() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let (_dir, db) = temp_db();
     let daemon = Daemon::start_with(
         &db,

@@ -27,6 +27,7 @@ fn distinct_accepted(target: &Target) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ten_second_outage_with_default_settings_dead_letters_nothing() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("outage");
     let dlq = mgmt.declare_with_dead_letter(&queue, 2).await;
@@ -65,6 +66,7 @@ async fn a_ten_second_outage_with_default_settings_dead_letters_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_use_the_configured_backoff_then_the_broker_dead_letters() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("retries");
     let limit = 2;
@@ -117,6 +119,7 @@ async fn retries_use_the_configured_backoff_then_the_broker_dead_letters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reject_on_dead_letters_after_one_post_and_drop_on_accepts() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let (rq, dq) = (unique("reject"), unique("drop"));
     let r_dlq = mgmt.declare_with_dead_letter(&rq, 5).await;
@@ -169,6 +172,7 @@ async fn reject_on_dead_letters_after_one_post_and_drop_on_accepts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_breaker_slows_posts_to_the_probe_rate_and_keeps_messages_in_the_broker() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("breaker");
     let dlq = mgmt.declare_with_dead_letter(&queue, 1).await;
@@ -231,6 +235,7 @@ async fn an_open_breaker_slows_posts_to_the_probe_rate_and_keeps_messages_in_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_in_flight_runs_posts_concurrently_and_delivers_each_once() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let (q1, q16) = (unique("serial"), unique("parallel"));
     mgmt.declare_classic(&q1).await;
@@ -289,6 +294,7 @@ async fn max_in_flight_runs_posts_concurrently_and_delivers_each_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_target_does_not_hold_up_a_healthy_one() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let (stuck_q, ok_q) = (unique("stuck"), unique("healthy"));
     mgmt.declare_classic(&stuck_q).await;
@@ -330,6 +336,7 @@ async fn a_hanging_target_does_not_hold_up_a_healthy_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_headers_and_signatures_reach_the_target_and_secrets_stay_hidden() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("signed");
     mgmt.declare_classic(&queue).await;
@@ -405,6 +412,7 @@ async fn auth_headers_and_signatures_reach_the_target_and_secrets_stay_hidden() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_allowlist_refuses_outside_targets_and_admits_listed_ones() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("allow");
     mgmt.declare_classic(&queue).await;

@@ -33,6 +33,7 @@ async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_daemon_resumes_from_its_file_and_loses_nothing() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("kill");
     mgmt.declare_quorum(&queue).await;
@@ -87,6 +88,7 @@ async fn killed_daemon_resumes_from_its_file_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_post_in_flight_finish_and_exits_zero() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
     let mgmt = Management::new();
     let queue = unique("term");
     mgmt.declare_classic(&queue).await;

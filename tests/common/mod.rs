@@ -53,6 +53,66 @@ pub fn address(queue: &str) -> String {
     format!("/amq/queue/{queue}")
 }
 
+/// The limit every test runs under (see [`time_limit`]): generous beside the slowest test in
+/// a debug build, so it only ever fires on a hang.
+pub const TEST_TIME_LIMIT: Duration = Duration::from_secs(300);
+
+/// Processes (or process groups, as `-pgid`) that a test started, killed by the time limit.
+static CHILDREN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Has the time limit kill `pid` (its whole group when `group`) if it fires.
+pub fn watch_child(pid: u32, group: bool) {
+    let target = if group {
+        format!("-{pid}")
+    } else {
+        pid.to_string()
+    };
+    CHILDREN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(target);
+}
+
+/// Forgets `pid`, once it has been reaped, so its number is never signalled after reuse.
+pub fn unwatch_child(pid: u32, group: bool) {
+    let target = if group {
+        format!("-{pid}")
+    } else {
+        pid.to_string()
+    };
+    CHILDREN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|t| *t != target);
+}
+
+/// Ends the test binary if the test that holds the returned guard is still running after
+/// `limit`: a hang then fails the run at once, naming the test, instead of stalling CI.
+/// Children that tests started are killed first, so none outlives the binary.
+#[must_use = "the limit lasts as long as the guard"]
+pub fn time_limit(limit: Duration) -> TimeLimit {
+    let name = std::thread::current().name().unwrap_or("a test").to_owned();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(limit) {
+            eprintln!("\n{name}: still running after {limit:?}; killing its children and exiting");
+            for target in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", target])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+            std::process::exit(124);
+        }
+    });
+    TimeLimit { _done: done }
+}
+
+/// Dropping it (the test ended, passed or failed) disarms the limit.
+pub struct TimeLimit {
+    _done: std::sync::mpsc::Sender<()>,
+}
+
 /// Polls `check` until it returns `Some`, or panics with `what` after `limit`.
 pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
 where
@@ -264,10 +324,28 @@ impl Publisher {
         }
     }
 
+    /// Closes sender, session and connection, each step bounded: fe2o3 0.18 now and then
+    /// never sees RabbitMQ 3.10's answer to an End, and closing the connection ends it all.
     pub async fn close(mut self) {
-        let _ = self.sender.close().await;
-        let _ = self.session.end().await;
-        let _ = self.connection.close().await;
+        let limit = Duration::from_secs(5);
+        if tokio::time::timeout(limit, self.sender.close())
+            .await
+            .is_err()
+        {
+            eprintln!("test publisher: sender close unanswered within {limit:?}");
+        }
+        if tokio::time::timeout(limit, self.session.end())
+            .await
+            .is_err()
+        {
+            eprintln!("test publisher: session end unanswered within {limit:?}");
+        }
+        if tokio::time::timeout(limit, self.connection.close())
+            .await
+            .is_err()
+        {
+            eprintln!("test publisher: connection close unanswered within {limit:?}");
+        }
     }
 }
 
@@ -635,6 +713,7 @@ impl Drop for DaemonProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        unwatch_child(self.0.id(), false);
     }
 }
 
@@ -663,7 +742,9 @@ pub fn spawn_daemon(
                 .stderr(std::process::Stdio::inherit());
         }
     }
-    DaemonProcess(cmd.spawn().expect("daemon starts"))
+    let child = cmd.spawn().expect("daemon starts");
+    watch_child(child.id(), false);
+    DaemonProcess(child)
 }
 
 impl Api {
