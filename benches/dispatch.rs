@@ -23,6 +23,8 @@
 //!   reports fewer free sockets than it needs.
 //! - `BENCH_ONLY`: a comma-separated subset of `ceiling`, `throughput` (runs the ceiling too),
 //!   `isolation`, `latency`, `scale`.
+//! - `BENCH_DAEMON_<NAME>=<value>`: every daemon runs with `<NAME>=<value>`, e.g.
+//!   `BENCH_DAEMON_TOKIO_WORKER_THREADS=1`.
 //! - `BENCH_CLK_TCK` (100): clock ticks per second of /proc/PID/stat (`getconf CLK_TCK`).
 //! - `BENCH_AMQP_URL` (amqp://guest:guest@127.0.0.1:5672), `BENCH_MANAGEMENT_URL`
 //!   (http://127.0.0.1:15672, user guest/guest).
@@ -709,6 +711,12 @@ impl Daemon {
             .env("SHUTDOWN_GRACE_MS", "2000")
             // No .env from the repository: the daemon searches the working directory upwards.
             .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+            // `BENCH_DAEMON_X=v` runs every daemon with `X=v`.
+            .envs(
+                std::env::vars().filter_map(|(k, v)| {
+                    k.strip_prefix("BENCH_DAEMON_").map(|k| (k.to_owned(), v))
+                }),
+            )
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))

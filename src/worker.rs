@@ -169,7 +169,12 @@ async fn receive_loop(
                 break if signals.remove.is_cancelled() { LinkEnd::Removed } else { LinkEnd::Stopped };
             }
             Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
-                if let Err(e) = settle(entry, link, metrics, joined).await {
+                // POSTs that finished meanwhile are settled with it, their accepts batched.
+                let mut finished = vec![joined];
+                while let Some(joined) = in_flight.try_join_next() {
+                    finished.push(joined);
+                }
+                if let Err(e) = settle_finished(entry, link, metrics, finished).await {
                     break LinkEnd::Failed(e);
                 }
             }
@@ -287,6 +292,45 @@ impl CreditFollower {
         }
         Ok(())
     }
+}
+
+/// Settles POSTs that finished together: the accepted (and dropped) ones in one batch, the
+/// others one by one.
+async fn settle_finished(
+    entry: &Entry,
+    link: &mut AmqpLink,
+    metrics: &EnrollmentMetrics,
+    finished: Vec<Result<Finished, tokio::task::JoinError>>,
+) -> Result<(), LinkError> {
+    let mut accepted = Vec::with_capacity(finished.len());
+    let (mut accepts, mut drops) = (0, 0);
+    for joined in finished {
+        match joined {
+            Ok((info, Settlement::Accept)) => {
+                accepts += 1;
+                accepted.push(info);
+            }
+            Ok((info, Settlement::Drop)) => {
+                drops += 1;
+                accepted.push(info);
+            }
+            other => settle(entry, link, metrics, other).await?,
+        }
+    }
+    if accepted.is_empty() {
+        return Ok(());
+    }
+    let settled = (accepts + drops) as i64;
+    entry.status.add_in_flight(-settled);
+    metrics.shared().in_flight(-settled);
+    link.accept_all(accepted).await?;
+    for _ in 0..accepts {
+        metrics.delivery(OutcomeLabel::Accepted);
+    }
+    for _ in 0..drops {
+        metrics.delivery(OutcomeLabel::Dropped);
+    }
+    Ok(())
 }
 
 async fn settle(

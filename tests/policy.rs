@@ -170,6 +170,64 @@ async fn reject_on_dead_letters_after_one_post_and_drop_on_accepts() {
     }
 }
 
+/// Concurrent POSTs that finish together are settled together (accepts batched into one
+/// disposition); each message must still get the outcome of its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_posts_each_settle_with_their_own_answer() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
+    let mgmt = Management::new();
+    let queue = unique("mixed");
+    let dlq = mgmt.declare_with_dead_letter(&queue, 5).await;
+    let target = Target::start().await;
+    // "mixed-N": N % 3 == 0 → 200, 1 → 404 (drop_on), 2 → 422 (reject_on).
+    target.set_status_by_body(|body| {
+        let n: usize = body
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        [200, 404, 422][n % 3]
+    });
+    let (_dir, db) = temp_db();
+    let daemon = Daemon::start(&db).await;
+    let id = enroll_with(
+        &daemon.api,
+        &queue,
+        &target.url(),
+        json!({"max_in_flight": 16, "drop_on": [404], "reject_on": [422]}),
+    )
+    .await;
+    daemon
+        .api
+        .wait_state(&id, "active", Duration::from_secs(20))
+        .await;
+    let n = 600;
+    let mut publisher = Publisher::connect(&queue).await;
+    publisher.send_numbered("mixed", 0..n).await;
+    mgmt.wait_depth(&dlq, (n / 3) as u64, Duration::from_secs(30))
+        .await;
+    mgmt.wait_depth(&queue, 0, Duration::from_secs(30)).await;
+    let e = wait_for("every outcome counted", Duration::from_secs(10), || async {
+        let e = daemon.api.enrollment(&id).await;
+        (e["delivered"].as_u64().unwrap_or(0)
+            + e["dropped"].as_u64().unwrap_or(0)
+            + e["rejected"].as_u64().unwrap_or(0)
+            == n as u64)
+            .then_some(e)
+    })
+    .await;
+    assert_eq!(e["delivered"], n / 3, "{e}");
+    assert_eq!(e["dropped"], n / 3, "{e}");
+    assert_eq!(e["rejected"], n / 3, "{e}");
+    assert_eq!(e["in_flight"], 0, "{e}");
+    assert_eq!(target.count(), n, "one POST per message");
+    assert!(target.max_concurrent() > 1, "POSTs overlapped");
+    publisher.close().await;
+    daemon.stop().await;
+    mgmt.delete_queue(&queue).await;
+    mgmt.delete_queue(&dlq).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_breaker_slows_posts_to_the_probe_rate_and_keeps_messages_in_the_broker() {
     let _limit = time_limit(TEST_TIME_LIMIT);

@@ -367,6 +367,9 @@ impl Received {
     }
 }
 
+/// Chooses a status from a request body.
+pub type StatusRule = fn(&str) -> u16;
+
 #[derive(Clone, Default)]
 struct TargetState {
     received: Arc<Mutex<Vec<Received>>>,
@@ -374,6 +377,8 @@ struct TargetState {
     delay_ms: Arc<AtomicU64>,
     current: Arc<AtomicUsize>,
     max_concurrent: Arc<AtomicUsize>,
+    /// When set, chooses each answer's status from the request body instead of `status`.
+    status_by_body: Arc<Mutex<Option<StatusRule>>>,
 }
 
 /// A recording HTTP target on 127.0.0.1 that answers with a settable status and can be
@@ -420,6 +425,11 @@ impl Target {
 
     pub fn set_status(&self, status: u16) {
         self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Answers each request with `rule(body)` from now on.
+    pub fn set_status_by_body(&self, rule: StatusRule) {
+        *self.state.status_by_body.lock().expect("lock") = Some(rule);
     }
 
     /// Makes every answer wait this long.
@@ -479,7 +489,11 @@ async fn record(State(state): State<TargetState>, headers: HeaderMap, body: Byte
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     state.current.fetch_sub(1, Ordering::SeqCst);
-    let status = state.status.load(Ordering::SeqCst);
+    let rule = *state.status_by_body.lock().expect("lock");
+    let status = match rule {
+        Some(rule) => rule(&String::from_utf8_lossy(&body)),
+        None => state.status.load(Ordering::SeqCst),
+    };
     state.received.lock().expect("lock").push(Received {
         headers,
         body,
