@@ -58,7 +58,8 @@ pub struct SessionLease {
     owned: Option<ConnectionHandle<()>>,
 }
 
-/// How long a session may take to end, or a connection to close, before it is left behind.
+/// How long a session may take to end, or a connection to close, before it is left behind:
+/// a broker that stops answering must not hold a worker, a DELETE or the shutdown.
 const END_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl SessionLease {
@@ -106,7 +107,7 @@ impl BrokerSettings {
                     owned: Some(connection),
                 }),
                 Err(e) => {
-                    let _ = connection.close().await;
+                    let _ = tokio::time::timeout(END_TIMEOUT, connection.close()).await;
                     Err(e.into())
                 }
             };
@@ -130,7 +131,7 @@ impl BrokerSettings {
                 }
             }
             if let Some(mut dead) = slot.take() {
-                let _ = dead.close().await;
+                let _ = tokio::time::timeout(END_TIMEOUT, dead.close()).await;
             }
         }
         let mut connection = connect(&self.url, &format!("hot-potato-pool-{index}")).await?;
@@ -147,7 +148,7 @@ impl BrokerSettings {
         if let Some(pool) = &self.pool {
             for slot in &pool.slots {
                 if let Some(mut connection) = slot.lock().await.take() {
-                    let _ = connection.close().await;
+                    let _ = tokio::time::timeout(END_TIMEOUT, connection.close()).await;
                 }
             }
         }

@@ -60,30 +60,28 @@ pub const TEST_TIME_LIMIT: Duration = Duration::from_secs(300);
 /// Processes (or process groups, as `-pgid`) that a test started, killed by the time limit.
 static CHILDREN: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-/// Has the time limit kill `pid` (its whole group when `group`) if it fires.
-pub fn watch_child(pid: u32, group: bool) {
-    let target = if group {
+/// What `kill` is given for `pid`: the pid, or `-pid` for its whole process group.
+fn kill_target(pid: u32, group: bool) -> String {
+    if group {
         format!("-{pid}")
     } else {
         pid.to_string()
-    };
-    CHILDREN
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(target);
+    }
+}
+
+fn children() -> std::sync::MutexGuard<'static, Vec<String>> {
+    CHILDREN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Has the time limit kill `pid` (its whole group when `group`) if it fires.
+pub fn watch_child(pid: u32, group: bool) {
+    children().push(kill_target(pid, group));
 }
 
 /// Forgets `pid`, once it has been reaped, so its number is never signalled after reuse.
 pub fn unwatch_child(pid: u32, group: bool) {
-    let target = if group {
-        format!("-{pid}")
-    } else {
-        pid.to_string()
-    };
-    CHILDREN
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|t| *t != target);
+    let target = kill_target(pid, group);
+    children().retain(|t| *t != target);
 }
 
 /// Ends the test binary if the test that holds the returned guard is still running after
@@ -96,7 +94,7 @@ pub fn time_limit(limit: Duration) -> TimeLimit {
     std::thread::spawn(move || {
         if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(limit) {
             eprintln!("\n{name}: still running after {limit:?}; killing its children and exiting");
-            for target in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for target in children().iter() {
                 let _ = std::process::Command::new("kill")
                     .args(["-KILL", "--", target])
                     .stderr(std::process::Stdio::null())
