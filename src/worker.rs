@@ -302,14 +302,12 @@ async fn settle_finished(
     metrics: &EnrollmentMetrics,
     finished: Vec<Result<Finished, tokio::task::JoinError>>,
 ) -> Result<(), LinkError> {
+    // Dropped messages are accepted too; only their metric differs.
     let mut accepted = Vec::with_capacity(finished.len());
-    let (mut accepts, mut drops) = (0, 0);
+    let mut drops = 0;
     for joined in finished {
         match joined {
-            Ok((info, Settlement::Accept)) => {
-                accepts += 1;
-                accepted.push(info);
-            }
+            Ok((info, Settlement::Accept)) => accepted.push(info),
             Ok((info, Settlement::Drop)) => {
                 drops += 1;
                 accepted.push(info);
@@ -320,11 +318,11 @@ async fn settle_finished(
     if accepted.is_empty() {
         return Ok(());
     }
-    let settled = (accepts + drops) as i64;
-    entry.status.add_in_flight(-settled);
-    metrics.shared().in_flight(-settled);
+    let settled = accepted.len();
+    entry.status.add_in_flight(-(settled as i64));
+    metrics.shared().in_flight(-(settled as i64));
     link.accept_all(accepted).await?;
-    for _ in 0..accepts {
+    for _ in drops..settled {
         metrics.delivery(OutcomeLabel::Accepted);
     }
     for _ in 0..drops {
