@@ -834,35 +834,27 @@ impl Daemon {
             .ok_or_else(|| anyhow!("no id in {answer}"))
     }
 
-    async fn enrollments(&self) -> Result<Vec<Json>> {
+    /// GETs a daemon API path and parses the JSON answer, which must be a success.
+    async fn get_json(&self, path: &str) -> Result<Json> {
         let res = self
             .http
-            .get(format!("{}/enrollments", self.base))
+            .get(format!("{}{path}", self.base))
             .send()
-            .await?;
-        ensure!(
-            res.status().is_success(),
-            "GET /enrollments: {}",
-            res.status()
-        );
-        let list: Json = res.json().await?;
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        ensure!(res.status().is_success(), "GET {path}: {}", res.status());
+        Ok(res.json().await?)
+    }
+
+    async fn enrollments(&self) -> Result<Vec<Json>> {
+        let list = self.get_json("/enrollments").await?;
         list.as_array()
             .cloned()
             .ok_or_else(|| anyhow!("GET /enrollments did not answer an array"))
     }
 
     async fn enrollment(&self, id: &str) -> Result<Json> {
-        let res = self
-            .http
-            .get(format!("{}/enrollments/{id}", self.base))
-            .send()
-            .await?;
-        ensure!(
-            res.status().is_success(),
-            "GET /enrollments/{id}: {}",
-            res.status()
-        );
-        Ok(res.json().await?)
+        self.get_json(&format!("/enrollments/{id}")).await
     }
 
     async fn wait_active(&self, id: &str) -> Result<()> {
