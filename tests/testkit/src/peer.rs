@@ -1,0 +1,1 @@
+//! An in-memory AMQP 1.0 peer. (work in progress)
