@@ -9,9 +9,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use crate::allowlist::TargetAllowlist;
-use crate::amqp_link::FailureOutcomePolicy;
-use crate::policy::{BackoffKind, DeliveryDefaults, MAX_ATTEMPTS, MAX_IN_FLIGHT, RetryPolicy};
+use crate::enrollment::outcome::FailureOutcomePolicy;
+use crate::enrollment::policy::{DeliveryDefaults, RetryPolicy};
+use crate::enrollment::record::redact_url;
+use crate::enrollment::settings::{BackoffKind, MAX_ATTEMPTS, MAX_IN_FLIGHT, MAX_PREFETCH};
+use crate::enrollment::target::TargetAllowlist;
 
 /// Why the configuration cannot be used. Every message names the variable at fault.
 #[derive(Debug, thiserror::Error)]
@@ -150,8 +152,9 @@ fn default_breaker_open_ms() -> u64 {
     5_000
 }
 
-/// The largest link credit an enrollment may ask for: credit is memory held in the daemon.
-pub const MAX_PREFETCH: u32 = 10_000;
+/// Largest `AMQP_CONNECTION_POOL`: sessions per connection are bounded by the broker's
+/// channel-max (2047 on RabbitMQ), so a handful of connections carries thousands of enrollments.
+pub const MAX_CONNECTION_POOL: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
@@ -306,12 +309,12 @@ impl Config {
         let target_allowlist =
             TargetAllowlist::parse(raw.target_allowlist.as_deref().unwrap_or(""))
                 .map_err(|e| invalid("TARGET_ALLOWLIST", e))?;
-        if raw.amqp_connection_pool > crate::broker::MAX_POOL {
+        if raw.amqp_connection_pool > MAX_CONNECTION_POOL {
             return Err(invalid(
                 "AMQP_CONNECTION_POOL",
                 format!(
                     "must be from 0 (a connection per enrollment) to {}",
-                    crate::broker::MAX_POOL
+                    MAX_CONNECTION_POOL
                 ),
             ));
         }
@@ -380,16 +383,6 @@ impl Config {
     pub fn amqp_url_redacted(&self) -> String {
         redact_url(&self.amqp_url)
     }
-}
-
-/// A URL with its password (if any) replaced by `***`.
-pub fn redact_url(url: &Url) -> String {
-    let mut shown = url.clone();
-    if shown.password().is_some() {
-        // Only fails for URLs that cannot carry a password, which then have none to hide.
-        let _ = shown.set_password(Some("***"));
-    }
-    shown.to_string()
 }
 
 impl fmt::Debug for Config {

@@ -1,58 +1,55 @@
 //! hot-potato: pushes messages from an AMQP 1.0 broker to HTTP services.
 //!
 //! # Layout
-//! - [`config`]: the typed configuration, read once from the environment and validated.
-//! - [`enrollment`]: what an enrollment is and what makes a creation request valid.
-//! - [`store`]: the SQLite mirror of the enrollment map and its migrations.
-//! - [`registry`]: the in-memory enrollment map with live status; the only writer of store
-//!   and supervisor.
-//! - [`supervisor`]: owns one worker task per enrollment; restarts, stops, shuts down.
-//! - [`worker`]: one enrollment's link owner: receive, run deliveries concurrently up to
-//!   `max_in_flight`, settle, reconnect.
-//! - [`broker`]: broker connections, dedicated per enrollment or pooled.
-//! - [`amqp_link`]: the receiver link; failure outcome; settlement.
-//! - [`delivery`]: message → HTTP request mapping, the POST, and one message's attempts.
-//! - [`policy`]: per-enrollment delivery settings, defaults, status classes, the verdict.
-//! - [`breaker`]: the per-enrollment circuit breaker.
-//! - [`signing`]: static headers, credentials and Standard Webhooks signatures.
-//! - [`allowlist`]: `TARGET_ALLOWLIST` and the guarded link-local/metadata ranges.
-//! - [`backoff`]: capped exponential backoff with jitter.
-//! - [`api`]: the HTTP API (enrollments, operations, pages, OpenAPI), its security and its
-//!   error mapping.
-//! - [`metrics`]: Prometheus metrics.
-//! - [`demo_receiver`]: a small HTTP receiver for walkthroughs and local trials.
+//! Rooms, each owning one part of the job; doors open one way only (a room imports only the
+//! rooms listed after its arrow, and `tests/architecture.rs` holds that):
+//! - [`enrollment`] → (nothing): the vocabulary: record, settings, policy, outcomes, target
+//!   rules, live status.
+//! - [`shutdown`] → (nothing): the stop signals of one worker.
+//! - [`backoff`] → (nothing): capped exponential backoff with jitter.
+//! - [`config`] → enrollment: the typed configuration, read once from the environment.
+//! - [`store`] → enrollment: the enrollment store trait and its SQLite implementation.
+//! - [`telemetry`] → enrollment: metrics, and the events that update status, metric and log.
+//! - [`amqp`] → enrollment: connections, the receiver link, dispositions, the failure outcome.
+//! - [`delivery`] → enrollment, telemetry, shutdown: message → POST, the POST, the verdict,
+//!   breaker, signing, one message's attempts.
+//! - [`pipeline`] → amqp, delivery, enrollment, telemetry, shutdown, backoff: the worker:
+//!   receive → deliver → settle; the one table outcome → disposition.
+//! - [`fleet`] → pipeline, store, enrollment, telemetry, shutdown, backoff: the enrollment map
+//!   and its writes; the supervisor of worker tasks.
+//! - [`api`] → fleet, store, enrollment, telemetry: the HTTP API, its views, security, errors.
+//! - [`demo_receiver`] → (nothing): a small HTTP receiver for walkthroughs.
+//!
+//! This file wires the rooms together in [`run`]; `main.rs` only reads the configuration,
+//! sets up logging and binds the port.
 
-pub mod allowlist;
-pub mod amqp_link;
+pub mod amqp;
 pub mod api;
 pub mod backoff;
-pub mod breaker;
-pub mod broker;
 pub mod config;
 pub mod delivery;
 pub mod demo_receiver;
 pub mod enrollment;
-pub mod metrics;
-pub mod policy;
-pub mod registry;
-pub mod signing;
+pub mod fleet;
+pub mod pipeline;
+pub mod shutdown;
 pub mod store;
-pub mod supervisor;
-pub mod worker;
+pub mod telemetry;
 
 use std::future::Future;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::connection::{BrokerSettings, ConnectionPool, Dialer};
 use crate::backoff::BackoffSettings;
-use crate::broker::{BrokerSettings, ConnectionPool};
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::registry::Registry;
-use crate::store::{Store, StoreError};
-use crate::supervisor::Supervisor;
-use crate::worker::WorkerContext;
+use crate::fleet::registry::Registry;
+use crate::fleet::supervisor::Supervisor;
+use crate::pipeline::link::AmqpOpener;
+use crate::pipeline::worker::WorkerContext;
+use crate::store::{EnrollmentStore, SqliteStore, StoreError};
+use crate::telemetry::metrics::Metrics;
 
 /// Failures that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +70,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let store = Store::open(&config.sqlite_path).await?;
-    tracing::info!(path = %store.path().display(), "enrollment store ready");
+    let store = SqliteStore::open(&config.sqlite_path).await?;
+    tracing::info!(store = %store.describe(), "enrollment store ready");
 
     let http = reqwest::Client::builder()
         .user_agent(concat!("hot-potato/", env!("CARGO_PKG_VERSION")))
@@ -89,11 +86,14 @@ pub async fn run(
         connect_timeout: config.amqp_connect_timeout,
         pool: (config.amqp_connection_pool > 0)
             .then(|| ConnectionPool::new(config.amqp_connection_pool)),
+        dialer: Dialer::Tcp,
     });
     let ctx = WorkerContext {
-        broker: broker.clone(),
+        opener: std::sync::Arc::new(AmqpOpener {
+            broker: broker.clone(),
+            failure_policy: config.failure_outcome,
+        }),
         http,
-        failure_policy: config.failure_outcome,
         default_prefetch: config.default_prefetch,
         reconnect: BackoffSettings {
             min: config.reconnect_min,
@@ -104,7 +104,7 @@ pub async fn run(
     let token = CancellationToken::new();
     let supervisor = Supervisor::new(ctx, token.clone());
     let registry = Registry::load(
-        store,
+        std::sync::Arc::new(store),
         supervisor.clone(),
         config.delivery_defaults.clone(),
         config.target_allowlist.clone(),

@@ -10,10 +10,13 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::{ApiError, AppState, ErrorBody, security};
-use crate::enrollment::{NewEnrollment, SubscriptionArgs};
-use crate::policy::DeliverySettings;
-use crate::registry::{Created, EnrollmentView};
+use crate::api::error::{ApiError, ErrorBody};
+use crate::api::security;
+use crate::api::state::AppState;
+use crate::api::views::EnrollmentView;
+use crate::enrollment::record::{NewEnrollment, SubscriptionArgs};
+use crate::enrollment::settings::DeliverySettings;
+use crate::fleet::registry::Created;
 
 /// How long DELETE waits for the worker to hand back its message and close its link before
 /// answering, so that no POST for the enrollment starts after the answer.
@@ -94,7 +97,7 @@ pub async fn enroll(
         Created::New => StatusCode::CREATED,
         Created::Existing => StatusCode::OK,
     };
-    Ok((status, Json(entry.view())).into_response())
+    Ok((status, Json(EnrollmentView::from(entry.as_ref()))).into_response())
 }
 
 fn no_enrollment(id: &str) -> ApiError {
@@ -146,7 +149,14 @@ pub async fn unenroll(
     )
 )]
 pub async fn list(State(state): State<AppState>) -> Json<Vec<EnrollmentView>> {
-    Json(state.registry.list())
+    Json(
+        state
+            .registry
+            .sorted_entries()
+            .iter()
+            .map(|e| EnrollmentView::from(e.as_ref()))
+            .collect(),
+    )
 }
 
 /// One enrollment.
@@ -165,7 +175,7 @@ pub async fn show(
 ) -> Result<Json<EnrollmentView>, ApiError> {
     let id = parse_id(&raw)?;
     let entry = state.registry.get(id).ok_or_else(|| no_enrollment(&raw))?;
-    Ok(Json(entry.view()))
+    Ok(Json(EnrollmentView::from(entry.as_ref())))
 }
 
 async fn set_paused(
@@ -182,7 +192,7 @@ async fn set_paused(
         .set_paused(id, paused)
         .await?
         .ok_or_else(|| no_enrollment(&raw))?;
-    Ok(Json(entry.view()))
+    Ok(Json(EnrollmentView::from(entry.as_ref())))
 }
 
 /// Pause: in-flight POSTs finish, the link is detached (`closed=false`) and messages wait in

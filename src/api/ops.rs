@@ -7,8 +7,10 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Serialize;
 
-use super::{AppState, ErrorBody};
-use crate::registry::{EnrollmentStats, WorkerState};
+use crate::api::error::ErrorBody;
+use crate::api::state::AppState;
+use crate::api::views::EnrollmentStats;
+use crate::enrollment::status::WorkerState;
 
 const DASHBOARD_HTML: &str = include_str!("../dashboard/index.html");
 const DOCS_HTML: &str = include_str!("../dashboard/docs.html");
@@ -72,20 +74,22 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         reasons.push("shutting down".into());
     }
     let mut not_active = Vec::new();
-    for e in state.registry.list() {
-        if matches!(e.state, WorkerState::Active | WorkerState::Paused) {
+    for live in state.registry.sorted_entries() {
+        let status = live.status.snapshot();
+        if matches!(status.state, WorkerState::Active | WorkerState::Paused) {
             continue;
         }
-        if e.last_error.is_none() {
+        let id = live.enrollment.id;
+        if status.last_error.is_none() {
             reasons.push(format!(
-                "enrollment {} is {:?} with no reason yet",
-                e.id, e.state
+                "enrollment {id} is {:?} with no reason yet",
+                status.state
             ));
         }
         not_active.push(NotActive {
-            id: e.id.to_string(),
-            state: e.state,
-            reason: e.last_error,
+            id: id.to_string(),
+            state: status.state,
+            reason: status.last_error,
         });
     }
     let body = Readiness {
@@ -121,7 +125,12 @@ pub struct Totals {
     responses((status = 200, body = Stats), (status = 401, description = "Missing or wrong API token", body = ErrorBody))
 )]
 pub async fn stats(State(state): State<AppState>) -> Json<Stats> {
-    let enrollments = state.registry.stats();
+    let enrollments: Vec<EnrollmentStats> = state
+        .registry
+        .sorted_entries()
+        .iter()
+        .map(|e| EnrollmentStats::from(e.as_ref()))
+        .collect();
     let totals = Totals {
         enrollments: enrollments.len(),
         delivered: enrollments.iter().map(|e| e.delivered).sum(),
@@ -139,7 +148,13 @@ pub async fn stats(State(state): State<AppState>) -> Json<Stats> {
     responses((status = 200, description = "OpenMetrics text format", content_type = "application/openmetrics-text", body = String))
 )]
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.metrics.render(&state.registry.list());
+    let states: Vec<_> = state
+        .registry
+        .sorted_entries()
+        .iter()
+        .map(|e| (e.status.state(), e.status.breaker()))
+        .collect();
+    let text = state.metrics.render(&states);
     (
         [(
             header::CONTENT_TYPE,

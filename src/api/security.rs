@@ -1,20 +1,18 @@
 //! Who may call the API and how much: the bearer token (constant-time compare), the routes
 //! that stay open, the per-client rate limit on changes, CORS, and bounds on request JSON.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, Method, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa::Modify;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{ApiError, AppState};
+use crate::api::error::ApiError;
 
 /// Deepest JSON nesting a request may have; enrollment bodies need 4.
 const MAX_JSON_DEPTH: usize = 32;
@@ -47,14 +45,14 @@ impl ApiSecurity {
         }
     }
 
-    fn needs_token(&self, path: &str) -> bool {
+    pub fn needs_token(&self, path: &str) -> bool {
         if OPEN_PATHS.contains(&path) {
             return false;
         }
         path != "/metrics" || self.metrics_require_token
     }
 
-    fn token_ok(&self, request: &Request) -> bool {
+    pub fn token_ok(&self, request: &Request) -> bool {
         let Some(expected) = &self.token else {
             return true;
         };
@@ -68,7 +66,7 @@ impl ApiSecurity {
         presented.as_bytes().ct_eq(expected.as_bytes()).into()
     }
 
-    fn within_rate(&self, client: IpAddr) -> bool {
+    pub fn within_rate(&self, client: IpAddr) -> bool {
         let Some(limiter) = &self.limiter else {
             return true;
         };
@@ -95,24 +93,6 @@ impl ApiSecurity {
                 .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
         )
     }
-}
-
-/// The middleware in front of every route.
-pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let security = &state.security;
-    if security.needs_token(request.uri().path()) && !security.token_ok(&request) {
-        return ApiError::Unauthorized.into_response();
-    }
-    if matches!(*request.method(), Method::POST | Method::DELETE) {
-        let client = request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |c| c.0.ip());
-        if !security.within_rate(client) {
-            return ApiError::TooManyRequests.into_response();
-        }
-    }
-    next.run(request).await
 }
 
 /// Parses a request body as JSON and bounds its nesting.

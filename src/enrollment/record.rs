@@ -7,8 +7,8 @@ use serde_json::{Map, Value};
 use url::Url;
 use uuid::Uuid;
 
-use crate::config::MAX_PREFETCH;
-use crate::policy::DeliverySettings;
+use crate::enrollment::error::EnrollmentError;
+use crate::enrollment::settings::{DeliverySettings, MAX_PREFETCH};
 
 /// A stored enrollment: which queue is pushed to which URL.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,16 +53,6 @@ pub struct NewEnrollment {
     pub target_url: String,
     pub subscription_args: SubscriptionArgs,
     pub delivery: DeliverySettings,
-}
-
-/// Why a request body is not a valid enrollment. `Malformed` is a body of the wrong shape
-/// (HTTP 400); `Invalid` is a well-formed body with a value we refuse (HTTP 422).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EnrollmentError {
-    #[error("{0}")]
-    Malformed(String),
-    #[error("{0}")]
-    Invalid(String),
 }
 
 use EnrollmentError::{Invalid, Malformed};
@@ -113,6 +103,27 @@ impl NewEnrollment {
             delivery,
         })
     }
+}
+
+impl Enrollment {
+    /// The target URL safe to show: any password in it replaced by `***`. Only URLs that carry
+    /// a password are rewritten, since parsing normalises the text otherwise.
+    pub fn target_url_shown(&self) -> String {
+        match Url::parse(&self.target_url) {
+            Ok(url) if url.password().is_some() => redact_url(&url),
+            _ => self.target_url.clone(),
+        }
+    }
+}
+
+/// A URL with its password (if any) replaced by `***`.
+pub fn redact_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        // Only fails for URLs that cannot carry a password, which then have none to hide.
+        let _ = shown.set_password(Some("***"));
+    }
+    shown.to_string()
 }
 
 fn required_string(fields: &mut Map<String, Value>, name: &str) -> Result<String, EnrollmentError> {

@@ -1,6 +1,6 @@
-//! The SQLite mirror of the enrollment map: schema migrations, load at start, and the
-//! create/delete writes the API commits before it answers. Every call runs on the blocking
-//! pool so the async runtime never waits on disk.
+//! The SQLite enrollment store (the embedded default): schema migrations, load at start, and
+//! the writes the API commits before it answers. Every call runs on the blocking pool so the
+//! async runtime never waits on disk.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -8,43 +8,26 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OpenFlags, params};
 use uuid::Uuid;
 
-use crate::enrollment::{Enrollment, SubscriptionArgs};
+use crate::enrollment::record::{Enrollment, SubscriptionArgs};
+use crate::store::{EnrollmentStore, StoreError, StoreFuture};
 
 /// Migrations in the order they are applied; the index + 1 is the recorded version.
 const MIGRATIONS: &[&str] = &[
-    include_str!("../migrations/0001_create_enrollments.sql"),
-    include_str!("../migrations/0002_add_delivery_settings.sql"),
-    include_str!("../migrations/0003_add_paused.sql"),
-    include_str!("../migrations/0004_create_daemon_meta.sql"),
+    include_str!("../../migrations/0001_create_enrollments.sql"),
+    include_str!("../../migrations/0002_add_delivery_settings.sql"),
+    include_str!("../../migrations/0003_add_paused.sql"),
+    include_str!("../../migrations/0004_create_daemon_meta.sql"),
 ];
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("cannot use the SQLite database at {path}: {source}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("SQLite error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("stored enrollment {id} is unreadable: {reason}")]
-    Corrupt { id: String, reason: String },
-    #[error("the store's worker thread failed: {0}")]
-    Join(#[from] tokio::task::JoinError),
-    #[error("the store's lock was poisoned by a panic")]
-    Poisoned,
-}
 
 /// A cloneable handle to the database. The std mutex serialises writers (SQLite allows one)
 /// and is only taken inside blocking-pool closures, never across an `.await`.
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the database, applies pending migrations and proves the
     /// file is writable, so a bad path fails at start rather than on the first enrollment.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
@@ -81,7 +64,7 @@ impl Store {
     }
 
     /// Every stored enrollment, oldest first.
-    pub async fn load_all(&self) -> Result<Vec<Enrollment>, StoreError> {
+    async fn select_all(&self) -> Result<Vec<Enrollment>, StoreError> {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, queue, target_url, subscription_args, created_at, delivery, paused
@@ -131,7 +114,7 @@ impl Store {
     }
 
     /// Commits a new enrollment.
-    pub async fn insert(&self, enrollment: Enrollment) -> Result<(), StoreError> {
+    async fn insert_row(&self, enrollment: Enrollment) -> Result<(), StoreError> {
         self.with_conn(move |conn| {
             let to_json = |v: Result<String, serde_json::Error>| {
                 v.map_err(|e| StoreError::Corrupt {
@@ -161,7 +144,7 @@ impl Store {
     }
 
     /// Records whether an enrollment is paused.
-    pub async fn set_paused(&self, id: Uuid, paused: bool) -> Result<(), StoreError> {
+    async fn update_paused(&self, id: Uuid, paused: bool) -> Result<(), StoreError> {
         self.with_conn(move |conn| {
             conn.execute(
                 "UPDATE enrollments SET paused = ?2 WHERE id = ?1",
@@ -173,7 +156,7 @@ impl Store {
     }
 
     /// Deletes an enrollment; `false` when it was not stored.
-    pub async fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
+    async fn delete_row(&self, id: Uuid) -> Result<bool, StoreError> {
         self.with_conn(move |conn| {
             let n = conn.execute(
                 "DELETE FROM enrollments WHERE id = ?1",
@@ -185,8 +168,29 @@ impl Store {
     }
 
     /// Proves the database still takes writes (used by readiness checks and tests).
-    pub async fn check_writable(&self) -> Result<(), StoreError> {
+    async fn probe_writable(&self) -> Result<(), StoreError> {
         self.with_conn(|conn| Ok(probe_write(conn)?)).await
+    }
+}
+
+impl EnrollmentStore for SqliteStore {
+    fn describe(&self) -> String {
+        format!("SQLite at {}", self.path.display())
+    }
+    fn load_all(&self) -> StoreFuture<'_, Vec<Enrollment>> {
+        Box::pin(self.select_all())
+    }
+    fn insert(&self, enrollment: Enrollment) -> StoreFuture<'_, ()> {
+        Box::pin(self.insert_row(enrollment))
+    }
+    fn set_paused(&self, id: Uuid, paused: bool) -> StoreFuture<'_, ()> {
+        Box::pin(self.update_paused(id, paused))
+    }
+    fn delete(&self, id: Uuid) -> StoreFuture<'_, bool> {
+        Box::pin(self.delete_row(id))
+    }
+    fn check_writable(&self) -> StoreFuture<'_, ()> {
+        Box::pin(self.probe_writable())
     }
 }
 
@@ -261,7 +265,7 @@ mod tests {
                 ..Default::default()
             },
             created_at: "2026-01-01T00:00:00Z".into(),
-            delivery: crate::policy::DeliverySettings {
+            delivery: crate::enrollment::settings::DeliverySettings {
                 max_in_flight: Some(4),
                 ..Default::default()
             },
@@ -273,12 +277,12 @@ mod tests {
     async fn enrollments_survive_reopening_and_migrations_run_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.sqlite");
-        let store = Store::open(&path).await.expect("open");
+        let store = SqliteStore::open(&path).await.expect("open");
         let a = sample("a");
         store.insert(a.clone()).await.expect("insert");
         store.insert(sample("b")).await.expect("insert");
         drop(store);
-        let store = Store::open(&path).await.expect("reopen");
+        let store = SqliteStore::open(&path).await.expect("reopen");
         let all = store.load_all().await.expect("load");
         assert_eq!(all.len(), 2);
         assert!(all.contains(&a));
@@ -290,7 +294,7 @@ mod tests {
     #[tokio::test]
     async fn the_same_queue_and_target_cannot_be_stored_twice() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("s.sqlite"))
+        let store = SqliteStore::open(&dir.path().join("s.sqlite"))
             .await
             .expect("open");
         store.insert(sample("a")).await.expect("insert");
@@ -304,7 +308,7 @@ mod tests {
         std::fs::write(&garbage, vec![b'x'; 4096]).expect("write");
         let missing_dir = dir.path().join("no/such/dir/s.sqlite");
         for path in [garbage, missing_dir, dir.path().to_path_buf()] {
-            let err = Store::open(&path)
+            let err = SqliteStore::open(&path)
                 .await
                 .err()
                 .expect("must fail")

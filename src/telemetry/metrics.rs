@@ -15,8 +15,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use uuid::Uuid;
 
-use crate::breaker::BreakerState;
-use crate::registry::{EnrollmentView, WorkerState};
+use crate::enrollment::status::{BreakerState, WorkerState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeliveryLabels {
@@ -35,24 +34,43 @@ struct StateLabels {
     state: &'static str,
 }
 
-/// What the broker was told about one message, as a label value.
+/// How one message ended: what the broker was told, and why. The metric label is what the
+/// broker was told, so a hand-back and a failed delivery that was released share `released`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutcomeLabel {
+    /// 2xx, accepted.
     Accepted,
+    /// Failed delivery, `released`.
     Released,
+    /// Failed delivery, `modified{delivery_failed}`.
     Modified,
+    /// `reject_on` answer or undecodable message, `rejected`.
     Rejected,
+    /// `drop_on` answer, accepted.
     Dropped,
+    /// Not the message's fault (stopping, removal): `released`.
+    HandedBack,
 }
 
 impl OutcomeLabel {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Accepted => "accepted",
-            Self::Released => "released",
+            Self::Released | Self::HandedBack => "released",
             Self::Modified => "modified",
             Self::Rejected => "rejected",
             Self::Dropped => "dropped",
+        }
+    }
+
+    /// The slot of this label's series in [`OUTCOMES`].
+    fn series(self) -> usize {
+        match self {
+            Self::Accepted => 0,
+            Self::Released | Self::HandedBack => 1,
+            Self::Modified => 2,
+            Self::Rejected => 3,
+            Self::Dropped => 4,
         }
     }
 }
@@ -214,8 +232,9 @@ impl Metrics {
         self.inner.in_flight.inc_by(delta);
     }
 
-    /// The text exposition, with the map-derived gauges brought up to date first.
-    pub fn render(&self, enrollments: &[EnrollmentView]) -> String {
+    /// The text exposition, with the map-derived gauges brought up to date first from the
+    /// worker and breaker state of every enrollment.
+    pub fn render(&self, enrollments: &[(WorkerState, BreakerState)]) -> String {
         let inner = &self.inner;
         inner.enrollments.set(enrollments.len() as i64);
         let states = [
@@ -226,7 +245,7 @@ impl Metrics {
             (WorkerState::Paused, "paused"),
         ];
         for (state, name) in states {
-            let n = enrollments.iter().filter(|e| e.state == state).count();
+            let n = enrollments.iter().filter(|(w, _)| *w == state).count();
             inner
                 .workers
                 .get_or_create(&StateLabels { state: name })
@@ -237,10 +256,7 @@ impl Metrics {
             (BreakerState::Open, "open"),
             (BreakerState::HalfOpen, "half_open"),
         ] {
-            let n = enrollments
-                .iter()
-                .filter(|e| e.breaker_state == state)
-                .count();
+            let n = enrollments.iter().filter(|(_, b)| *b == state).count();
             inner
                 .breakers
                 .get_or_create(&StateLabels { state: name })
@@ -248,7 +264,7 @@ impl Metrics {
         }
         let up = enrollments
             .iter()
-            .filter(|e| e.state == WorkerState::Active)
+            .filter(|(w, _)| *w == WorkerState::Active)
             .count();
         inner.broker_links_up.set(up as i64);
         let mut out = String::new();
@@ -269,14 +285,14 @@ pub struct EnrollmentMetrics {
 
 impl EnrollmentMetrics {
     pub fn delivery(&self, outcome: OutcomeLabel) {
-        let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
+        let i = outcome.series();
         self.deliveries[i]
             .get_or_init(|| {
                 self.metrics
                     .inner
                     .deliveries
                     .get_or_create(&DeliveryLabels {
-                        outcome: outcome.as_str(),
+                        outcome: OUTCOMES[i].as_str(),
                         enrollment_id: self.enrollment_id.clone(),
                     })
                     .clone()

@@ -1,10 +1,12 @@
-//! Connections to the broker: opening one (TCP with Nagle off, TLS for `amqps`, SASL PLAIN from
-//! the URL), and where each enrollment's session lives. By default every enrollment owns its
-//! connection, so a broker-side problem on one connection touches one enrollment. With
-//! `AMQP_CONNECTION_POOL=N` enrollments share N connections instead (a session and receiver
-//! each), which large fleets need: fewer sockets, broker processes and heartbeats, at the price
-//! that a connection failure or a flow-controlled connection affects every enrollment on it.
+//! Connections to the broker: opening one (TCP with Nagle off, TLS for `amqps`, SASL PLAIN
+//! from the URL, or a stream the caller supplies), and where each enrollment's session lives.
+//! By default every enrollment owns its connection, so a broker-side problem on one connection
+//! touches one enrollment. With `AMQP_CONNECTION_POOL=N` enrollments share N connections
+//! instead (a session and receiver each), which large fleets need: fewer sockets, broker
+//! processes and heartbeats, at the price that a connection failure or a flow-controlled
+//! connection affects every enrollment on it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fe2o3_amqp::connection::ConnectionHandle;
@@ -12,16 +14,24 @@ use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::{Connection, Session};
 use percent_encoding::percent_decode_str;
+use tokio::io::DuplexStream;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use url::Url;
 use uuid::Uuid;
 
-use crate::amqp_link::LinkError;
+use crate::amqp::error::LinkError;
 
-/// Largest pool: sessions per connection are bounded by the broker's channel-max (2047 on
-/// RabbitMQ), so a handful of connections carries thousands of enrollments.
-pub const MAX_POOL: usize = 256;
+/// Where a connection's bytes go.
+#[derive(Clone, Default)]
+pub enum Dialer {
+    /// TCP to the URL's host and port (TLS on top for `amqps`).
+    #[default]
+    Tcp,
+    /// A stream the caller makes, e.g. one end of a `tokio::io::duplex` whose other end is an
+    /// in-memory AMQP peer: tests stage broker behaviour a real broker can't show on demand.
+    Stream(Arc<dyn Fn() -> DuplexStream + Send + Sync>),
+}
 
 /// Connection settings shared by every link the daemon opens.
 pub struct BrokerSettings {
@@ -29,6 +39,7 @@ pub struct BrokerSettings {
     pub connect_timeout: Duration,
     /// `None`: a dedicated connection per enrollment.
     pub pool: Option<ConnectionPool>,
+    pub dialer: Dialer,
 }
 
 /// A fixed set of shared connections, each opened on first use and reopened after it fails.
@@ -39,9 +50,7 @@ pub struct ConnectionPool {
 impl ConnectionPool {
     pub fn new(size: usize) -> Self {
         Self {
-            slots: (0..size.clamp(1, MAX_POOL))
-                .map(|_| Mutex::new(None))
-                .collect(),
+            slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
         }
     }
 
@@ -100,7 +109,7 @@ impl BrokerSettings {
         own_container_id: &str,
     ) -> Result<SessionLease, LinkError> {
         let Some(pool) = &self.pool else {
-            let mut connection = connect(&self.url, own_container_id).await?;
+            let mut connection = connect(&self.url, &self.dialer, own_container_id).await?;
             return match Session::begin(&mut connection).await {
                 Ok(session) => Ok(SessionLease {
                     session,
@@ -134,7 +143,8 @@ impl BrokerSettings {
                 let _ = tokio::time::timeout(END_TIMEOUT, dead.close()).await;
             }
         }
-        let mut connection = connect(&self.url, &format!("hot-potato-pool-{index}")).await?;
+        let mut connection =
+            connect(&self.url, &self.dialer, &format!("hot-potato-pool-{index}")).await?;
         let session = Session::begin(&mut connection).await?;
         *slot = Some(connection);
         Ok(SessionLease {
@@ -157,13 +167,12 @@ impl BrokerSettings {
 
 /// Opens one connection: TCP with Nagle off (every disposition is a small frame we want out at
 /// once), direct TLS for `amqps`, SASL PLAIN when the URL has a user.
-async fn connect(url: &Url, container_id: &str) -> Result<ConnectionHandle<()>, LinkError> {
+async fn connect(
+    url: &Url,
+    dialer: &Dialer,
+    container_id: &str,
+) -> Result<ConnectionHandle<()>, LinkError> {
     let host = url.host_str().ok_or(LinkError::BadUrl)?;
-    let port = url
-        .port()
-        .unwrap_or(if url.scheme() == "amqps" { 5671 } else { 5672 });
-    let stream = TcpStream::connect((host, port)).await?;
-    stream.set_nodelay(true)?;
     let mut builder = Connection::builder()
         .container_id(container_id.to_string())
         .scheme(url.scheme())
@@ -178,7 +187,17 @@ async fn connect(url: &Url, container_id: &str) -> Result<ConnectionHandle<()>, 
     if let Some(profile) = sasl_plain(url) {
         builder = builder.sasl_profile(profile);
     }
-    Ok(builder.open_with_stream(stream).await?)
+    match dialer {
+        Dialer::Tcp => {
+            let port = url
+                .port()
+                .unwrap_or(if url.scheme() == "amqps" { 5671 } else { 5672 });
+            let stream = TcpStream::connect((host, port)).await?;
+            stream.set_nodelay(true)?;
+            Ok(builder.open_with_stream(stream).await?)
+        }
+        Dialer::Stream(make) => Ok(builder.open_with_stream(make()).await?),
+    }
 }
 
 /// SASL PLAIN from the URL's user info, percent-decoded: Service Bus keys end in `=`, which

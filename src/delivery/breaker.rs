@@ -7,18 +7,10 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::policy::BreakerPolicy;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum BreakerState {
-    Closed,
-    Open,
-    HalfOpen,
-}
+use crate::enrollment::policy::BreakerPolicy;
+use crate::enrollment::status::BreakerState;
 
 /// What a caller may do: an ordinary POST, or the one probe of a half-open breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

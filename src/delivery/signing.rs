@@ -7,16 +7,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 use sha2::Sha256;
 
-use crate::policy::{Auth, DeliveryPolicy};
-
-/// The key bytes of a signing secret: base64 after a `whsec_` prefix (the Standard Webhooks
-/// form), else the string's own bytes. `None` when a `whsec_` secret is not base64.
-pub fn signing_key(secret: &str) -> Option<Vec<u8>> {
-    match secret.strip_prefix("whsec_") {
-        Some(b64) => BASE64.decode(b64).ok(),
-        None => Some(secret.as_bytes().to_vec()),
-    }
-}
+use crate::enrollment::policy::DeliveryPolicy;
+use crate::enrollment::settings::Auth;
 
 /// `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`.
 pub fn signature(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
@@ -82,6 +74,14 @@ pub fn webhook_headers(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> Hea
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::enrollment::settings::Signing;
+
+    fn signing_key(secret: &str) -> Option<Vec<u8>> {
+        Signing {
+            secret: secret.into(),
+        }
+        .key()
+    }
 
     #[test]
     fn matches_the_standard_webhooks_reference_vector() {

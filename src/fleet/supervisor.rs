@@ -12,8 +12,11 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::registry::{Entry, WorkerState};
-use crate::worker::{self, StopSignals, WorkerContext};
+use crate::enrollment::live::LiveEnrollment;
+use crate::pipeline::link::AmqpOpener;
+use crate::pipeline::worker::{self, WorkerContext};
+use crate::shutdown::StopSignals;
+use crate::telemetry::events::{StatusEvent, WorkerCrashed, WorkerStopped};
 
 #[derive(Clone)]
 pub struct Supervisor {
@@ -21,7 +24,7 @@ pub struct Supervisor {
 }
 
 struct Inner {
-    ctx: WorkerContext,
+    ctx: WorkerContext<AmqpOpener>,
     /// Parent of every worker's stop token: cancelling it is the shutdown broadcast.
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -52,7 +55,7 @@ impl WorkerExit {
 }
 
 impl Supervisor {
-    pub fn new(ctx: WorkerContext, shutdown: CancellationToken) -> Self {
+    pub fn new(ctx: WorkerContext<AmqpOpener>, shutdown: CancellationToken) -> Self {
         Self {
             inner: Arc::new(Inner {
                 ctx,
@@ -72,7 +75,7 @@ impl Supervisor {
     }
 
     /// Starts the worker for `entry`. A no-op during shutdown.
-    pub fn start(&self, entry: Arc<Entry>) {
+    pub fn start(&self, entry: Arc<LiveEnrollment>) {
         if self.inner.shutdown.is_cancelled() {
             return;
         }
@@ -175,8 +178,8 @@ impl Supervisor {
 /// Runs the worker in its own task so that a panic is caught here, reported with the
 /// enrollment id and followed by a restart after a backoff delay.
 async fn supervise(
-    ctx: WorkerContext,
-    entry: Arc<Entry>,
+    ctx: WorkerContext<AmqpOpener>,
+    entry: Arc<LiveEnrollment>,
     signals: StopSignals,
     finished: CancellationToken,
 ) {
@@ -192,20 +195,17 @@ async fn supervise(
             Ok(()) => return,
             Err(e) if e.is_panic() => {
                 let reason = panic_message(e.into_panic());
-                tracing::error!(enrollment_id = %entry.enrollment.id, panic = %reason, "worker panicked; restarting it");
-                entry
-                    .status
-                    .set_last_error(format!("worker panicked: {reason}"));
+                WorkerCrashed {
+                    panic: Some(&reason),
+                }
+                .emit(&entry.status);
             }
-            Err(e) => {
-                tracing::error!(enrollment_id = %entry.enrollment.id, error = %e, "worker task was cancelled; restarting it");
-            }
+            Err(_) => WorkerCrashed { panic: None }.emit(&entry.status),
         }
-        entry.status.set_state(WorkerState::Backoff);
         tokio::select! {
             biased;
             _ = signals.stop.cancelled() => {
-                entry.status.set_state(WorkerState::Stopped);
+                WorkerStopped { paused: entry.status.paused() }.emit(&entry.status);
                 return;
             }
             _ = tokio::time::sleep(restarts.next_delay()) => {}

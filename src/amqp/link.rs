@@ -1,0 +1,218 @@
+//! One enrollment's AMQP 1.0 receiver link, on a session from [`crate::amqp::connection`]:
+//! attach, receive, settle, credit, and the two ways a link ends (detach keeps a durable
+//! subscription, close removes it).
+
+use std::time::Duration;
+
+use fe2o3_amqp::Receiver;
+use fe2o3_amqp::link::RecvError;
+use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::types::definitions;
+use fe2o3_amqp::types::messaging::{Body, Message, Modified};
+use fe2o3_amqp::types::primitives::Value;
+
+use crate::amqp::connection::{BrokerSettings, SessionLease};
+use crate::amqp::error::LinkError;
+use crate::amqp::outcome::{Disposition, choose_failure_outcome};
+use crate::amqp::source::{build_source, link_name};
+use crate::enrollment::outcome::{FailureOutcome, FailureOutcomePolicy};
+use crate::enrollment::record::Enrollment;
+
+/// How long a detach or link close may wait for the broker's answer. A broker that never
+/// answers must not hold a DELETE or a shutdown: the session is ended (or the connection
+/// closed) after it, which settles the link on the broker's side anyway.
+const LINK_END_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An attached receiver with the session (and, unless pooled, the connection) it owns.
+pub struct AmqpLink {
+    lease: SessionLease,
+    receiver: Receiver,
+    failure_outcome: FailureOutcome,
+}
+
+/// What a link handed over; `T` identifies the delivery for its settlement.
+#[derive(Debug)]
+pub enum Incoming<T> {
+    Message {
+        delivery: T,
+        message: Box<Message<Body<Value>>>,
+    },
+    /// A transfer whose message sections could not be decoded.
+    Undecodable { delivery: T, reason: String },
+}
+
+impl AmqpLink {
+    /// Opens a connection, a session and a receiver for `enrollment`, bounded in time.
+    pub async fn open(
+        broker: &BrokerSettings,
+        enrollment: &Enrollment,
+        prefetch: u32,
+        policy: FailureOutcomePolicy,
+    ) -> Result<Self, LinkError> {
+        tokio::time::timeout(
+            broker.connect_timeout,
+            Self::open_inner(broker, enrollment, prefetch, policy),
+        )
+        .await
+        .map_err(|_| LinkError::ConnectTimeout(broker.connect_timeout))?
+    }
+
+    async fn open_inner(
+        broker: &BrokerSettings,
+        enrollment: &Enrollment,
+        prefetch: u32,
+        policy: FailureOutcomePolicy,
+    ) -> Result<Self, LinkError> {
+        let name = link_name(enrollment);
+        let mut lease = broker.session(enrollment.id, &name).await?;
+        let source = build_source(&enrollment.queue, &enrollment.subscription_args);
+        let attached = Receiver::builder()
+            .name(name)
+            .source(source)
+            .auto_accept(false)
+            .credit_mode(CreditMode::Auto(prefetch))
+            .attach(&mut lease.session)
+            .await;
+        let receiver = match attached {
+            Ok(receiver) => receiver,
+            Err(e) => {
+                lease.end().await;
+                return Err(e.into());
+            }
+        };
+        let advertised = receiver
+            .source()
+            .as_ref()
+            .and_then(|s| s.outcomes.as_ref())
+            .map(|outcomes| outcomes.0.as_slice());
+        let failure_outcome = choose_failure_outcome(policy, advertised);
+        Ok(Self {
+            lease,
+            receiver,
+            failure_outcome,
+        })
+    }
+
+    /// Sets the link credit: 0 stops the broker sending while the breaker is open.
+    pub async fn set_credit(&mut self, credit: u32) -> Result<(), LinkError> {
+        self.receiver
+            .set_credit(credit)
+            .await
+            .map_err(|e| LinkError::Credit(e.to_string()))
+    }
+
+    pub fn failure_outcome(&self) -> FailureOutcome {
+        self.failure_outcome
+    }
+
+    /// Waits for the next message. Cancel-safe (fe2o3-amqp #22), so it may sit in `select!`.
+    /// A message whose sections cannot be decoded is returned as [`Incoming::Undecodable`]
+    /// with what is needed to settle it, rather than as a link error: reconnecting would
+    /// only bring it back.
+    pub async fn recv(&mut self) -> Result<Incoming<DeliveryInfo>, LinkError> {
+        match self.receiver.recv::<Body<Value>>().await {
+            Ok(delivery) => {
+                let (info, message) = delivery.into_parts();
+                Ok(Incoming::Message {
+                    delivery: info,
+                    message: Box::new(message),
+                })
+            }
+            Err(RecvError::MessageDecode(e)) => Ok(Incoming::Undecodable {
+                delivery: e.info,
+                reason: e.source.to_string(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Accepts several deliveries at once: one disposition per run of consecutive delivery
+    /// ids instead of one per delivery, which saves the broker and this link a frame each.
+    pub async fn accept_all(&mut self, deliveries: Vec<DeliveryInfo>) -> Result<(), LinkError> {
+        self.receiver.accept_all(deliveries).await?;
+        Ok(())
+    }
+
+    /// Settles one delivery as the pipeline decided.
+    pub async fn settle(
+        &mut self,
+        delivery: DeliveryInfo,
+        disposition: Disposition,
+    ) -> Result<(), LinkError> {
+        match disposition {
+            Disposition::Accept => self.receiver.accept(delivery).await?,
+            Disposition::Reject(reason) => {
+                let error = definitions::Error::new(
+                    definitions::AmqpError::NotAllowed,
+                    Some(format!("hot-potato: {reason}")),
+                    None,
+                );
+                self.receiver.reject(delivery, error).await?
+            }
+            Disposition::Release => self.receiver.release(delivery).await?,
+            Disposition::Modify => {
+                let modified = Modified {
+                    delivery_failed: Some(true),
+                    undeliverable_here: Some(false),
+                    message_annotations: None,
+                };
+                self.receiver.modify(delivery, modified).await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the link with `closed=false`: a durable subscription survives it. Used on
+    /// shutdown and restart. Errors are logged, not returned: the broker drops what it
+    /// must when the connection goes.
+    pub async fn detach(self) {
+        let Self {
+            lease,
+            mut receiver,
+            ..
+        } = self;
+        let detach = async {
+            // Stop the flow first so nothing new arrives while the link winds down.
+            let _ = receiver.set_credit(0).await;
+            receiver.detach().await.map_err(|(_, e)| e)
+        };
+        match tokio::time::timeout(LINK_END_TIMEOUT, detach).await {
+            Ok(Ok(_detached)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "detach was not clean"),
+            Err(_) => tracing::warn!("the broker did not answer the detach; ending the session"),
+        }
+        lease.end().await;
+    }
+
+    /// Ends the link with `closed=true`, which removes a durable subscription. Used on DELETE.
+    pub async fn close(self) {
+        let Self {
+            lease,
+            mut receiver,
+            ..
+        } = self;
+        let close = async {
+            let _ = receiver.set_credit(0).await;
+            receiver.close().await
+        };
+        match tokio::time::timeout(LINK_END_TIMEOUT, close).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "link close was not clean"),
+            Err(_) => {
+                tracing::warn!("the broker did not answer the link close; ending the session")
+            }
+        }
+        lease.end().await;
+    }
+
+    /// Drops the link after a broker error: whatever is unsettled goes back to the queue
+    /// when the session ends.
+    pub async fn abandon(self) {
+        let Self {
+            lease, receiver, ..
+        } = self;
+        drop(receiver);
+        lease.end().await;
+    }
+}

@@ -1,0 +1,20 @@
+//! The broker side: connections (dedicated or pooled, over TCP, TLS or a dialer a test
+//! supplies), the receiver link, the failure outcome chosen from the broker's attach, and what
+//! the broker is told about each delivery. Knows nothing of HTTP.
+//!
+//! - [`connection`]: opening connections and sessions; the pool.
+//! - [`source`]: link names and the source terminus.
+//! - [`link`]: the receiver link: attach, receive, settle, credit, detach, close.
+//! - [`outcome`]: dispositions and the failure-outcome choice.
+//! - [`error`]: the link error type.
+
+pub mod connection;
+pub mod error;
+pub mod link;
+pub mod outcome;
+pub mod source;
+
+pub use connection::BrokerSettings;
+pub use error::LinkError;
+pub use link::{AmqpLink, Incoming};
+pub use outcome::Disposition;

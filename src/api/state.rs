@@ -1,0 +1,16 @@
+//! What every handler can reach.
+
+use std::sync::Arc;
+
+use crate::api::security::ApiSecurity;
+use crate::fleet::registry::Registry;
+use crate::fleet::supervisor::Supervisor;
+use crate::telemetry::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Registry,
+    pub supervisor: Supervisor,
+    pub metrics: Metrics,
+    pub security: Arc<ApiSecurity>,
+}

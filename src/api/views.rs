@@ -1,0 +1,116 @@
+//! The JSON shapes of an enrollment in API answers, built from the live enrollment: the
+//! record with secrets redacted, the effective policy, and a snapshot of its status.
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::enrollment::live::LiveEnrollment;
+use crate::enrollment::outcome::FailureOutcome;
+use crate::enrollment::policy::DeliveryPolicy;
+use crate::enrollment::record::SubscriptionArgs;
+use crate::enrollment::status::{BreakerState, WorkerState};
+
+/// An enrollment in `GET /enrollments`, `GET /enrollments/{id}` and the change routes.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EnrollmentView {
+    pub id: Uuid,
+    pub queue: String,
+    /// With any password in it replaced by `***`.
+    pub target_url: String,
+    pub subscription_args: SubscriptionArgs,
+    pub created_at: String,
+    /// The effective delivery policy, secrets redacted.
+    pub delivery: DeliveryPolicy,
+    pub state: WorkerState,
+    pub breaker_state: BreakerState,
+    /// Accepted by the broker after a 2xx.
+    pub delivered: u64,
+    pub failed: u64,
+    pub retries: u64,
+    pub dropped: u64,
+    pub rejected: u64,
+    pub in_flight: u64,
+    /// How failed deliveries are handed back, known once the link has attached.
+    pub failure_outcome: Option<FailureOutcome>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub last_success_at: Option<String>,
+}
+
+impl From<&LiveEnrollment> for EnrollmentView {
+    fn from(live: &LiveEnrollment) -> Self {
+        let e = &live.enrollment;
+        let s = live.status.snapshot();
+        Self {
+            id: e.id,
+            queue: e.queue.clone(),
+            target_url: e.target_url_shown(),
+            subscription_args: e.subscription_args.clone(),
+            created_at: e.created_at.clone(),
+            delivery: live.policy.redacted(),
+            state: s.state,
+            breaker_state: s.breaker,
+            delivered: s.delivered,
+            failed: s.failed,
+            retries: s.retries,
+            dropped: s.dropped,
+            rejected: s.rejected,
+            in_flight: s.in_flight,
+            failure_outcome: s.failure_outcome,
+            last_error: s.last_error,
+            last_error_at: s.last_error_at,
+            last_success_at: s.last_success_at,
+        }
+    }
+}
+
+/// One enrollment in `GET /stats`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EnrollmentStats {
+    pub id: Uuid,
+    pub queue: String,
+    pub target_url: String,
+    pub state: WorkerState,
+    pub breaker_state: BreakerState,
+    pub delivered: u64,
+    pub failed: u64,
+    pub retries: u64,
+    /// Rejected on a `reject_on` answer: the broker dead-letters these at once. Messages the
+    /// broker dead-letters after its own delivery limit are counted by the broker, not here.
+    pub dead_lettered: u64,
+    pub dropped: u64,
+    pub in_flight: u64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub last_success_at: Option<String>,
+    /// Mean deliveries per second over the last 60 s.
+    pub rate_per_sec_1m: f64,
+    /// Deliveries in each of the last 60 seconds, oldest first.
+    pub rate_history: Vec<u64>,
+}
+
+impl From<&LiveEnrollment> for EnrollmentStats {
+    fn from(live: &LiveEnrollment) -> Self {
+        let view = EnrollmentView::from(live);
+        let rate_history = live.status.rate_history();
+        let total: u64 = rate_history.iter().sum();
+        Self {
+            id: view.id,
+            queue: view.queue,
+            target_url: view.target_url,
+            state: view.state,
+            breaker_state: view.breaker_state,
+            delivered: view.delivered,
+            failed: view.failed,
+            retries: view.retries,
+            dead_lettered: view.rejected,
+            dropped: view.dropped,
+            in_flight: view.in_flight,
+            last_error: view.last_error,
+            last_error_at: view.last_error_at,
+            last_success_at: view.last_success_at,
+            rate_per_sec_1m: total as f64 / 60.0,
+            rate_history,
+        }
+    }
+}

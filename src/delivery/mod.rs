@@ -1,0 +1,20 @@
+//! The HTTP side: a message as a request, the POST with its bounds, the pure verdict on an
+//! answer, the circuit breaker, signing, and the dispatcher that runs one message's attempts.
+//! Knows nothing of AMQP links or settlement.
+//!
+//! - [`request`]: message → POST (body, `Content-Type`, `amqp-*` headers).
+//! - [`post`]: one POST and what came back.
+//! - [`verdict`]: status → success, retry, reject, drop or fail.
+//! - [`breaker`]: the per-enrollment circuit breaker.
+//! - [`signing`]: static headers, credentials, Standard Webhooks signatures.
+//! - [`dispatcher`]: one message's attempts, giving a [`DeliveryOutcome`].
+
+pub mod breaker;
+pub mod dispatcher;
+pub mod post;
+pub mod request;
+pub mod signing;
+pub mod verdict;
+
+pub use dispatcher::{DeliveryOutcome, Dispatcher};
+pub use request::PushRequest;

@@ -1,0 +1,25 @@
+//! The vocabulary every other room speaks; it imports nothing else in the crate.
+//!
+//! - [`record`]: the stored enrollment, its subscription arguments, the validated creation request.
+//! - [`error`]: why a creation request is refused (400 or 422).
+//! - [`settings`]: the `delivery` object as given, its validation and bounds.
+//! - [`status_pattern`]: status codes, ranges and classes (`retry_on`, `reject_on`, `drop_on`).
+//! - [`policy`]: the effective delivery policy (settings over the daemon's defaults).
+//! - [`outcome`]: how a failed message goes back to the broker.
+//! - [`target`]: which target URLs are allowed (`TARGET_ALLOWLIST`, guarded ranges).
+//! - [`status`]: the live status an operator sees (state, breaker, counters, last error).
+//! - [`live`]: record + policy + status, as the daemon holds an enrollment.
+
+pub mod error;
+pub mod live;
+pub mod outcome;
+pub mod policy;
+pub mod record;
+pub mod settings;
+pub mod status;
+pub mod status_pattern;
+pub mod target;
+
+pub use error::EnrollmentError;
+pub use live::LiveEnrollment;
+pub use record::{Enrollment, NewEnrollment, SubscriptionArgs};

@@ -1,0 +1,318 @@
+//! The `delivery` object of `POST /enroll` as the user sent it and as it is stored, its
+//! validation (each refusal names its field), the credentials and signing secret it may carry,
+//! and the bounds that keep one enrollment from taking the daemon's memory or sockets.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::{Deserialize, Serialize};
+
+use crate::enrollment::error::EnrollmentError;
+use crate::enrollment::status_pattern::StatusPattern;
+
+/// Bounds that keep one enrollment from taking the daemon's memory or sockets.
+pub const MAX_IN_FLIGHT: u32 = 1_000;
+pub const MAX_ATTEMPTS: u32 = 100;
+/// The largest link credit an enrollment may ask for (`subscription_args.prefetch`,
+/// `DEFAULT_PREFETCH`): credit is memory held in the daemon.
+pub const MAX_PREFETCH: u32 = 10_000;
+
+/// The `delivery` object as the user sent it; absent fields take the daemon's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryInput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<Vec<StatusPattern>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reject_on: Option<Vec<StatusPattern>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_on: Option<Vec<StatusPattern>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<BreakerInput>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_sec: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Auth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing: Option<Signing>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryInput {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<BackoffKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jitter: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerInput {
+    /// Consecutive failed POSTs that open the breaker; 0 turns it off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BackoffKind {
+    Fixed,
+    Linear,
+    Exponential,
+}
+
+impl FromStr for BackoffKind {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "fixed" => Ok(Self::Fixed),
+            "linear" => Ok(Self::Linear),
+            "exponential" => Ok(Self::Exponential),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Credentials for the target. Stored and used; shown only redacted.
+#[derive(Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Auth {
+    Bearer { token: String },
+    Basic { username: String, password: String },
+    Header { name: String, value: String },
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Bearer { .. } => "Auth::Bearer(***)",
+            Self::Basic { .. } => "Auth::Basic(***)",
+            Self::Header { .. } => "Auth::Header(***)",
+        })
+    }
+}
+
+/// Standard Webhooks signing key. A `whsec_` prefix marks a base64 key (the spec's form);
+/// any other string is used as raw bytes.
+#[derive(Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Signing {
+    pub secret: String,
+}
+
+impl fmt::Debug for Signing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Signing(***)")
+    }
+}
+
+pub const REDACTED: &str = "***";
+
+impl DeliverySettings {
+    /// Parses and validates the `delivery` object. Type errors are `Malformed` (400), values
+    /// out of range `Invalid` (422); each message names the field by its path.
+    pub fn from_json(value: serde_json::Value) -> Result<Self, EnrollmentError> {
+        let settings: Self = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let message = format!("`delivery.{path}`: {inner}");
+            if inner.starts_with("invalid type") {
+                EnrollmentError::Malformed(message)
+            } else {
+                EnrollmentError::Invalid(message)
+            }
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), EnrollmentError> {
+        let invalid = |field: &str, why: &str| {
+            Err(EnrollmentError::Invalid(format!(
+                "`delivery.{field}` {why}"
+            )))
+        };
+        if let Some(n) = self.max_in_flight
+            && !(1..=MAX_IN_FLIGHT).contains(&n)
+        {
+            return invalid(
+                "max_in_flight",
+                &format!("must be from 1 to {MAX_IN_FLIGHT}"),
+            );
+        }
+        if self.timeout_ms == Some(0) {
+            return invalid("timeout_ms", "must be greater than 0");
+        }
+        if let Some(r) = &self.retry {
+            if let Some(n) = r.max_attempts
+                && !(1..=MAX_ATTEMPTS).contains(&n)
+            {
+                return invalid(
+                    "retry.max_attempts",
+                    &format!("must be from 1 to {MAX_ATTEMPTS}"),
+                );
+            }
+            if r.base_ms == Some(0) {
+                return invalid("retry.base_ms", "must be greater than 0");
+            }
+            if let (Some(base), Some(max)) = (r.base_ms, r.max_ms)
+                && max < base
+            {
+                return invalid("retry.max_ms", "must not be smaller than retry.base_ms");
+            }
+        }
+        if let Some(b) = &self.circuit_breaker
+            && b.open_ms == Some(0)
+        {
+            return invalid("circuit_breaker.open_ms", "must be greater than 0");
+        }
+        if let Some(rate) = self.rate_limit_per_sec
+            && !(rate.is_finite() && rate > 0.0 && rate <= 1_000_000.0)
+        {
+            return invalid(
+                "rate_limit_per_sec",
+                "must be a number above 0 and at most 1000000",
+            );
+        }
+        if let Some(headers) = &self.headers {
+            for (name, value) in headers {
+                let parsed = reqwest::header::HeaderName::from_bytes(name.as_bytes());
+                if parsed.is_err() || reqwest::header::HeaderValue::from_str(value).is_err() {
+                    return invalid(&format!("headers.{name}"), "is not a valid HTTP header");
+                }
+            }
+        }
+        match &self.auth {
+            Some(Auth::Bearer { token }) if token.is_empty() => {
+                return invalid("auth.token", "must not be empty");
+            }
+            Some(Auth::Basic { username, .. }) if username.is_empty() || username.contains(':') => {
+                return invalid("auth.username", "must be non-empty and contain no `:`");
+            }
+            Some(Auth::Header { name, value })
+                if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+                    || reqwest::header::HeaderValue::from_str(value).is_err() =>
+            {
+                return invalid("auth", "name and value must form a valid HTTP header");
+            }
+            _ => {}
+        }
+        if let Some(s) = &self.signing {
+            if s.secret.is_empty() {
+                return invalid("signing.secret", "must not be empty");
+            }
+            if s.key().is_none() {
+                return invalid(
+                    "signing.secret",
+                    "has a whsec_ prefix but is not valid base64",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Signing {
+    /// The key bytes: base64 after a `whsec_` prefix, else the secret's own bytes. `None`
+    /// for a `whsec_` secret that is not valid base64.
+    pub fn key(&self) -> Option<Vec<u8>> {
+        match self.secret.strip_prefix("whsec_") {
+            Some(encoded) => BASE64.decode(encoded).ok(),
+            None => Some(self.secret.as_bytes().to_vec()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enrollment::policy::tests::defaults;
+    use serde_json::json;
+
+    #[test]
+    fn settings_validate_and_name_the_field() {
+        let ok = DeliverySettings::from_json(json!({
+            "max_in_flight": 16, "timeout_ms": 500,
+            "retry": {"max_attempts": 3, "backoff": "fixed", "base_ms": 10, "max_ms": 100, "jitter": false},
+            "reject_on": [422], "drop_on": ["404", "410-411"], "retry_on": ["5xx"],
+            "circuit_breaker": {"failure_threshold": 0},
+            "rate_limit_per_sec": 2.5, "headers": {"x-team": "a"},
+            "auth": {"type": "basic", "username": "u", "password": "p"},
+            "signing": {"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}
+        }))
+        .expect("valid");
+        let p = ok.resolve(&defaults());
+        assert_eq!(p.max_in_flight, 16);
+        assert_eq!(p.retry.max_attempts, 3);
+        assert_eq!(p.circuit_breaker.failure_threshold, 0);
+        let shown = serde_json::to_string(&p.redacted()).expect("json");
+        assert!(
+            !shown.contains("\"p\"") && !shown.contains("MfKQ"),
+            "{shown}"
+        );
+
+        for (body, field, malformed) in [
+            (json!({"max_in_flight": 0}), "max_in_flight", false),
+            (json!({"max_in_flight": "2"}), "max_in_flight", true),
+            (
+                json!({"retry": {"max_attempts": 0}}),
+                "retry.max_attempts",
+                false,
+            ),
+            (
+                json!({"retry": {"backoff": "random"}}),
+                "retry.backoff",
+                false,
+            ),
+            (
+                json!({"retry": {"base_ms": 100, "max_ms": 10}}),
+                "retry.max_ms",
+                false,
+            ),
+            (json!({"reject_on": [700]}), "reject_on", false),
+            (json!({"drop_on": ["7xx"]}), "drop_on", false),
+            (
+                json!({"rate_limit_per_sec": -1}),
+                "rate_limit_per_sec",
+                false,
+            ),
+            (json!({"auth": {"type": "bearer"}}), "auth", false),
+            (
+                json!({"auth": {"type": "magic", "token": "x"}}),
+                "auth",
+                false,
+            ),
+            (json!({"signing": {"secret": ""}}), "signing.secret", false),
+            (json!({"colour": 1}), "colour", false),
+            (json!({"headers": {"bad name": "x"}}), "headers", false),
+        ] {
+            let err = DeliverySettings::from_json(body.clone()).expect_err("refused");
+            assert!(err.to_string().contains(field), "{body}: {err}");
+            assert_eq!(
+                matches!(err, EnrollmentError::Malformed(_)),
+                malformed,
+                "{body}: {err:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! The live status of one enrollment: where its worker is, its breaker, its counters and its
+//! last error. Written only through the events of [`crate::telemetry`] (one writer per fact),
+//! read by the API. Atomics and short std-mutex sections keep the per-message cost at a few
+//! uncontended writes.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
+
+use serde::Serialize;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::enrollment::outcome::FailureOutcome;
+
+/// Where a circuit breaker is: closed (POSTs flow), open (none), half-open (one probe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+/// Where an enrollment's worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[repr(u8)]
+pub enum WorkerState {
+    Connecting = 0,
+    Active = 1,
+    Backoff = 2,
+    Stopped = 3,
+    /// Paused through the API: the link is detached, messages wait in the broker.
+    Paused = 4,
+}
+
+impl WorkerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Connecting,
+            1 => Self::Active,
+            2 => Self::Backoff,
+            4 => Self::Paused,
+            _ => Self::Stopped,
+        }
+    }
+}
+
+/// Live status of one enrollment, written by its worker and read by the API. Atomics and
+/// short std-mutex sections keep the per-message cost at a few uncontended writes.
+#[derive(Debug)]
+pub struct EnrollmentStatus {
+    state: AtomicU8,
+    breaker: AtomicU8,
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    retries: AtomicU64,
+    dropped: AtomicU64,
+    rejected: AtomicU64,
+    in_flight: AtomicU64,
+    failure_outcome: Mutex<Option<FailureOutcome>>,
+    last_error: Mutex<Option<(String, String)>>,
+    /// Unix milliseconds of the last accepted delivery, 0 for none; formatted when shown, not
+    /// on the per-message path.
+    last_success_ms: AtomicI64,
+    rate: RateWindow,
+    paused: AtomicBool,
+}
+
+/// Deliveries per second over the last minute: 60 one-second buckets, each stamped with the
+/// second it counts, so stale buckets are recognised without a timer.
+#[derive(Debug)]
+struct RateWindow {
+    buckets: [AtomicU64; 60],
+    stamps: [AtomicU64; 60],
+}
+
+impl Default for RateWindow {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            stamps: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl RateWindow {
+    fn now_secs() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
+
+    /// Counts one delivery now; returns the time in Unix milliseconds.
+    fn record(&self) -> i64 {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let now = (now_ms / 1000) as u64;
+        let i = (now % 60) as usize;
+        // Two workers never share a window (one per enrollment), so a plain check-then-reset
+        // is enough; at worst a count lands in a bucket that is reset the same second.
+        if self.stamps[i].swap(now, Ordering::Relaxed) != now {
+            self.buckets[i].store(0, Ordering::Relaxed);
+        }
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        now_ms
+    }
+
+    /// Counts for the last 60 whole seconds, oldest first (the current second excluded).
+    fn history(&self) -> Vec<u64> {
+        let now = Self::now_secs();
+        (1..=60)
+            .rev()
+            .map(|ago| {
+                let second = now.saturating_sub(ago);
+                let i = (second % 60) as usize;
+                if self.stamps[i].load(Ordering::Relaxed) == second {
+                    self.buckets[i].load(Ordering::Relaxed)
+                } else {
+                    0
+                }
+            })
+            .collect()
+    }
+}
+
+impl Default for EnrollmentStatus {
+    fn default() -> Self {
+        Self {
+            state: AtomicU8::new(WorkerState::Connecting as u8),
+            breaker: AtomicU8::new(0),
+            delivered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            failure_outcome: Mutex::new(None),
+            last_error: Mutex::new(None),
+            last_success_ms: AtomicI64::new(0),
+            rate: RateWindow::default(),
+            paused: AtomicBool::new(false),
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn set_slot<T>(slot: &Mutex<T>, value: T) {
+    // A poisoned slot only held a plain value; overwrite it.
+    let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+    *guard = value;
+}
+
+fn read_slot<T: Clone>(slot: &Mutex<T>) -> T {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+impl EnrollmentStatus {
+    pub fn state(&self) -> WorkerState {
+        WorkerState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+    pub fn set_state(&self, state: WorkerState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+    pub fn breaker(&self) -> BreakerState {
+        match self.breaker.load(Ordering::Relaxed) {
+            1 => BreakerState::Open,
+            2 => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
+    }
+    pub fn set_breaker(&self, state: BreakerState) {
+        let v = match state {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        };
+        self.breaker.store(v, Ordering::Relaxed);
+    }
+    /// Accepted after a 2xx.
+    pub fn record_delivered(&self) {
+        bump(&self.delivered);
+        let now = self.rate.record();
+        self.last_success_ms.store(now, Ordering::Relaxed);
+    }
+    /// Handed back with the failure outcome after the POST attempts failed.
+    pub fn record_failed(&self) {
+        bump(&self.failed);
+    }
+    pub fn record_retry(&self) {
+        bump(&self.retries);
+    }
+    /// Accepted because the answer was in `drop_on`.
+    pub fn record_dropped(&self) {
+        bump(&self.dropped);
+    }
+    /// Rejected because the answer was in `reject_on`: the broker dead-letters it.
+    pub fn record_rejected(&self) {
+        bump(&self.rejected);
+    }
+    pub fn add_in_flight(&self, delta: i64) {
+        if delta >= 0 {
+            self.in_flight.fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            self.in_flight
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+    }
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+    /// The stored pause flag, mirrored here so the API shows it without a store read.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+    pub fn set_failure_outcome(&self, outcome: FailureOutcome) {
+        set_slot(&self.failure_outcome, Some(outcome));
+    }
+    pub fn failure_outcome(&self) -> Option<FailureOutcome> {
+        read_slot(&self.failure_outcome)
+    }
+    pub fn set_last_error(&self, error: impl Into<String>) {
+        set_slot(&self.last_error, Some((error.into(), now_rfc3339())));
+    }
+    pub fn last_error(&self) -> Option<String> {
+        read_slot(&self.last_error).map(|(e, _)| e)
+    }
+}
+
+/// Everything the status holds, read at once for an API answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusSnapshot {
+    pub state: WorkerState,
+    pub breaker: BreakerState,
+    pub delivered: u64,
+    pub failed: u64,
+    pub retries: u64,
+    pub dropped: u64,
+    pub rejected: u64,
+    pub in_flight: u64,
+    pub failure_outcome: Option<FailureOutcome>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub last_success_at: Option<String>,
+}
+
+impl EnrollmentStatus {
+    pub fn snapshot(&self) -> StatusSnapshot {
+        let last_error = read_slot(&self.last_error);
+        StatusSnapshot {
+            state: self.state(),
+            breaker: self.breaker(),
+            delivered: self.delivered(),
+            failed: self.failed(),
+            retries: self.retries.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            failure_outcome: self.failure_outcome(),
+            last_error_at: last_error.as_ref().map(|(_, at)| at.clone()),
+            last_error: last_error.map(|(e, _)| e),
+            last_success_at: rfc3339_from_ms(self.last_success_ms.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Deliveries in each of the last 60 whole seconds, oldest first.
+    pub fn rate_history(&self) -> Vec<u64> {
+        self.rate.history()
+    }
+}
+
+/// Now, as RFC 3339 UTC text.
+pub fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+fn rfc3339_from_ms(ms: i64) -> Option<String> {
+    if ms <= 0 {
+        return None;
+    }
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()?
+        .format(&Rfc3339)
+        .ok()
+}

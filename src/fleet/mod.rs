@@ -1,0 +1,8 @@
+//! The enrollments the daemon runs: the map and its writes over the store ([`registry`]) and
+//! the worker tasks ([`supervisor`]).
+
+pub mod registry;
+pub mod supervisor;
+
+pub use registry::{Created, Registry};
+pub use supervisor::Supervisor;

@@ -1,0 +1,219 @@
+//! The enrollment map and the one place that changes it: a create, pause or delete is
+//! committed to the store first, then applied to the map and to the supervisor, all under one
+//! lock so that map, store and running workers never disagree.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use uuid::Uuid;
+
+use crate::enrollment::live::LiveEnrollment;
+use crate::enrollment::policy::DeliveryDefaults;
+use crate::enrollment::record::{Enrollment, NewEnrollment};
+use crate::enrollment::status::now_rfc3339;
+use crate::enrollment::target::TargetAllowlist;
+use crate::fleet::supervisor::{Supervisor, WorkerExit};
+use crate::store::{EnrollmentStore, StoreError};
+use crate::telemetry::events::{Connecting, StatusEvent, WorkerRefused, WorkerStopped};
+
+/// How long pause waits for the worker to finish its in-flight POSTs and detach.
+const PAUSE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Whether `create` made a new enrollment or found the existing one for that pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    New,
+    Existing,
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn EnrollmentStore>,
+    supervisor: Supervisor,
+    defaults: DeliveryDefaults,
+    allowlist: TargetAllowlist,
+    /// The read path. A std lock: held only for map operations, never across `.await`.
+    map: RwLock<HashMap<Uuid, Arc<LiveEnrollment>>>,
+    /// Serialises create/delete end to end (disk, map, worker) so concurrent requests for the
+    /// same pair or id cannot interleave.
+    writes: tokio::sync::Mutex<()>,
+}
+
+impl Registry {
+    /// Loads every stored enrollment and starts its worker, except for targets the current
+    /// `TARGET_ALLOWLIST` refuses: those stay listed, stopped, with the reason.
+    pub async fn load(
+        store: Arc<dyn EnrollmentStore>,
+        supervisor: Supervisor,
+        defaults: DeliveryDefaults,
+        allowlist: TargetAllowlist,
+    ) -> Result<Self, StoreError> {
+        let stored = store.load_all().await?;
+        let mut map = HashMap::with_capacity(stored.len());
+        for enrollment in stored {
+            let paused = enrollment.paused;
+            let entry = Arc::new(LiveEnrollment::new(enrollment, &defaults));
+            match check_target(&allowlist, &entry.enrollment.target_url) {
+                Ok(()) if paused => WorkerStopped { paused }.emit(&entry.status),
+                Ok(()) => supervisor.start(Arc::clone(&entry)),
+                Err(reason) => WorkerRefused { reason: &reason }.emit(&entry.status),
+            }
+            map.insert(entry.enrollment.id, entry);
+        }
+        tracing::info!(count = map.len(), "loaded enrollments");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                supervisor,
+                defaults,
+                allowlist,
+                map: RwLock::new(map),
+                writes: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    fn read_map<T>(&self, f: impl FnOnce(&HashMap<Uuid, Arc<LiveEnrollment>>) -> T) -> T {
+        // A poisoned lock only means a panic elsewhere mid-read; the map itself is intact.
+        let guard = self
+            .inner
+            .map
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&guard)
+    }
+
+    fn write_map<T>(&self, f: impl FnOnce(&mut HashMap<Uuid, Arc<LiveEnrollment>>) -> T) -> T {
+        let mut guard = self
+            .inner
+            .map
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut guard)
+    }
+
+    pub fn len(&self) -> usize {
+        self.read_map(HashMap::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every entry, oldest first (ties broken by id so the order is stable).
+    pub fn sorted_entries(&self) -> Vec<Arc<LiveEnrollment>> {
+        let mut entries: Vec<Arc<LiveEnrollment>> =
+            self.read_map(|m| m.values().cloned().collect());
+        entries.sort_by(|a, b| {
+            (&a.enrollment.created_at, a.enrollment.id)
+                .cmp(&(&b.enrollment.created_at, b.enrollment.id))
+        });
+        entries
+    }
+
+    pub fn get(&self, id: Uuid) -> Option<Arc<LiveEnrollment>> {
+        self.read_map(|m| m.get(&id).cloned())
+    }
+
+    pub fn store(&self) -> &dyn EnrollmentStore {
+        self.inner.store.as_ref()
+    }
+
+    /// Whether `TARGET_ALLOWLIST` and the guarded ranges admit `target_url`.
+    pub fn check_target(&self, target_url: &str) -> Result<(), String> {
+        check_target(&self.inner.allowlist, target_url)
+    }
+
+    /// Creates an enrollment, or returns the one that already pushes `queue` to `target_url`.
+    pub async fn create(
+        &self,
+        new: NewEnrollment,
+    ) -> Result<(Created, Arc<LiveEnrollment>), StoreError> {
+        let _writes = self.inner.writes.lock().await;
+        let existing = self.read_map(|m| {
+            m.values()
+                .find(|e| {
+                    e.enrollment.queue == new.queue && e.enrollment.target_url == new.target_url
+                })
+                .cloned()
+        });
+        if let Some(entry) = existing {
+            return Ok((Created::Existing, entry));
+        }
+        let enrollment = Enrollment {
+            id: Uuid::new_v4(),
+            queue: new.queue,
+            target_url: new.target_url,
+            subscription_args: new.subscription_args,
+            created_at: now_rfc3339(),
+            delivery: new.delivery,
+            paused: false,
+        };
+        self.inner.store.insert(enrollment.clone()).await?;
+        let entry = Arc::new(LiveEnrollment::new(enrollment, &self.inner.defaults));
+        self.write_map(|m| m.insert(entry.enrollment.id, Arc::clone(&entry)));
+        self.inner.supervisor.start(Arc::clone(&entry));
+        tracing::info!(enrollment_id = %entry.enrollment.id, queue = %entry.enrollment.queue, "enrolled");
+        Ok((Created::New, entry))
+    }
+
+    /// Pauses or resumes an enrollment: the flag is committed first, then the worker is
+    /// stopped (link detached, `closed=false`, so a durable subscription keeps its messages)
+    /// or started. `None` for an unknown id.
+    pub async fn set_paused(
+        &self,
+        id: Uuid,
+        paused: bool,
+    ) -> Result<Option<Arc<LiveEnrollment>>, StoreError> {
+        let _writes = self.inner.writes.lock().await;
+        let Some(entry) = self.get(id) else {
+            return Ok(None);
+        };
+        if entry.status.paused() == paused {
+            return Ok(Some(entry));
+        }
+        self.inner.store.set_paused(id, paused).await?;
+        entry.status.set_paused(paused);
+        if paused {
+            let exit = self.inner.supervisor.stop(id);
+            if !exit.wait(PAUSE_WAIT).await {
+                tracing::warn!(enrollment_id = %id, "worker still finishing after pause answered");
+            }
+            WorkerStopped { paused: true }.emit(&entry.status);
+            tracing::info!(enrollment_id = %id, "paused");
+        } else {
+            match check_target(&self.inner.allowlist, &entry.enrollment.target_url) {
+                Ok(()) => {
+                    Connecting.emit(&entry.status);
+                    self.inner.supervisor.start(Arc::clone(&entry));
+                }
+                Err(reason) => WorkerRefused { reason: &reason }.emit(&entry.status),
+            }
+            tracing::info!(enrollment_id = %id, "resumed");
+        }
+        Ok(Some(entry))
+    }
+
+    /// Deletes an enrollment and stops its worker, closing its link. `None` for an unknown id.
+    /// Returns once the worker has exited or `stop_wait` has passed.
+    pub async fn delete(&self, id: Uuid) -> Result<Option<WorkerExit>, StoreError> {
+        let _writes = self.inner.writes.lock().await;
+        if self.get(id).is_none() {
+            return Ok(None);
+        }
+        self.inner.store.delete(id).await?;
+        self.write_map(|m| m.remove(&id));
+        let exit = self.inner.supervisor.remove(id);
+        tracing::info!(enrollment_id = %id, "deleted enrollment");
+        Ok(Some(exit))
+    }
+}
+fn check_target(allowlist: &TargetAllowlist, target_url: &str) -> Result<(), String> {
+    let url =
+        url::Url::parse(target_url).map_err(|e| format!("`target_url` is not a valid URL: {e}"))?;
+    allowlist.check(&url)
+}

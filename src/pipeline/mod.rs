@@ -1,0 +1,17 @@
+//! The message path of one enrollment: receive → deliver → settle, with reconnects. The only
+//! room that sees both the broker ([`crate::amqp`]) and the HTTP side ([`crate::delivery`]).
+//!
+//! - [`link`]: the seam: what the worker needs of a link and its opener; the AMQP one.
+//! - [`worker`]: connect, run the receive loop, reconnect with backoff, stop.
+//! - [`receive`]: one link's loop: in-flight bound, inline or spawned deliveries, breaker.
+//! - [`settle`]: the one table outcome → disposition + label; batched accepts.
+//! - [`credit`]: link credit that follows the breaker.
+
+pub mod credit;
+pub mod link;
+pub mod receive;
+pub mod settle;
+pub mod worker;
+
+pub use link::{AmqpOpener, Link, LinkOpener};
+pub use worker::WorkerContext;

@@ -1,0 +1,137 @@
+//! One enrollment's worker: connect and attach, run the receive loop, and on any broker error
+//! let the link go and reconnect with backoff, forever, until told to stop. This task alone
+//! owns the link, so every outcome (including `modified` and `rejected`) stays available.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backoff::{Backoff, BackoffSettings};
+use crate::delivery::dispatcher::Dispatcher;
+use crate::enrollment::live::LiveEnrollment;
+use crate::pipeline::link::{Link, LinkOpener};
+use crate::pipeline::receive::{LinkEnd, LoopParts, receive_loop};
+use crate::shutdown::StopSignals;
+use crate::telemetry::events::{Connecting, LinkAttached, LinkDown, WorkerRefused, WorkerStopped};
+use crate::telemetry::{EnrollmentTelemetry, Metrics};
+
+/// Everything a worker needs besides its enrollment; one shared copy for all workers.
+pub struct WorkerContext<O> {
+    pub opener: Arc<O>,
+    /// One client for every worker: connection pools are per target host, so a slow target
+    /// only ties up its own connections.
+    pub http: reqwest::Client,
+    pub default_prefetch: u32,
+    pub reconnect: BackoffSettings,
+    pub metrics: Metrics,
+}
+
+impl<O> Clone for WorkerContext<O> {
+    fn clone(&self) -> Self {
+        Self {
+            opener: Arc::clone(&self.opener),
+            http: self.http.clone(),
+            default_prefetch: self.default_prefetch,
+            reconnect: self.reconnect,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// A link that stayed up this long counts as healthy and resets the reconnect backoff; a
+/// shorter life (the broker accepts the attach and then ends the session) keeps backing off.
+const HEALTHY_LINK_AGE: Duration = Duration::from_secs(10);
+
+pub async fn run<O: LinkOpener>(
+    ctx: WorkerContext<O>,
+    live: Arc<LiveEnrollment>,
+    signals: StopSignals,
+) {
+    let enrollment = &live.enrollment;
+    let telemetry = Arc::new(EnrollmentTelemetry::new(
+        enrollment.id,
+        Arc::clone(&live.status),
+        &ctx.metrics,
+    ));
+    let dispatcher = match Dispatcher::new(ctx.http.clone(), &live, Arc::clone(&telemetry)) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            // Validated at enroll time; a stored URL that no longer parses stops here, visibly.
+            telemetry.emit_status(WorkerRefused {
+                reason: &format!("target_url does not parse: {e}"),
+            });
+            return;
+        }
+    };
+    let max_in_flight = dispatcher.policy().max_in_flight;
+    // Credit at least covers the POSTs allowed in flight, so none of them waits on the broker.
+    let credit = enrollment
+        .subscription_args
+        .prefetch
+        .unwrap_or(ctx.default_prefetch)
+        .max(max_in_flight);
+    let mut backoff = Backoff::new(ctx.reconnect);
+    loop {
+        telemetry.emit_status(Connecting);
+        // Not raced against the stop signal: dropping a half-open connection would leave it
+        // to linger on the broker. Opening is bounded by AMQP_CONNECT_TIMEOUT_MS, and a link
+        // that comes up after the signal is closed again at once.
+        let opened = ctx.opener.open(enrollment, credit).await;
+        if signals.stop.is_cancelled() {
+            if let Ok(link) = opened {
+                if signals.remove.is_cancelled() {
+                    link.close().await;
+                } else {
+                    link.detach().await;
+                }
+            }
+            break;
+        }
+        let failure = match opened {
+            Ok(mut link) => {
+                telemetry.emit_status(LinkAttached {
+                    failure_outcome: link.failure_outcome(),
+                    credit,
+                    max_in_flight,
+                });
+                let attached_at = Instant::now();
+                let parts = LoopParts {
+                    dispatcher: &dispatcher,
+                    telemetry: &telemetry,
+                    signals: &signals,
+                    credit,
+                };
+                match receive_loop(parts, &mut link).await {
+                    LinkEnd::Stopped => {
+                        link.detach().await;
+                        break;
+                    }
+                    LinkEnd::Removed => {
+                        link.close().await;
+                        break;
+                    }
+                    LinkEnd::Failed(e) => {
+                        link.abandon().await;
+                        if attached_at.elapsed() >= HEALTHY_LINK_AGE {
+                            backoff.reset();
+                        }
+                        e.to_string()
+                    }
+                }
+            }
+            Err(e) => e.to_string(),
+        };
+        let delay = backoff.next_delay();
+        telemetry.emit_status(LinkDown {
+            error: &failure,
+            retry_in: delay,
+        });
+        tokio::select! {
+            biased;
+            _ = signals.stop.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    telemetry.emit_status(WorkerStopped {
+        paused: live.status.paused(),
+    });
+}

@@ -1,0 +1,53 @@
+//! Where enrollments are kept: the [`EnrollmentStore`] trait the fleet writes through, and its
+//! implementations. SQLite ([`sqlite`]) is the embedded default.
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use uuid::Uuid;
+
+use crate::enrollment::record::Enrollment;
+
+pub use sqlite::SqliteStore;
+
+/// What a store call returns: boxed so the fleet can hold any store as `dyn EnrollmentStore`.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// The durable home of the enrollment map. Every write is committed before it resolves: the
+/// API confirms a change only after its store call returned `Ok`.
+pub trait EnrollmentStore: Send + Sync + 'static {
+    /// What and where the store is, for logs (no credentials).
+    fn describe(&self) -> String;
+    /// Every stored enrollment, oldest first.
+    fn load_all(&self) -> StoreFuture<'_, Vec<Enrollment>>;
+    /// Commits a new enrollment.
+    fn insert(&self, enrollment: Enrollment) -> StoreFuture<'_, ()>;
+    /// Records whether an enrollment is paused.
+    fn set_paused(&self, id: Uuid, paused: bool) -> StoreFuture<'_, ()>;
+    /// Deletes an enrollment; `false` when it was not stored.
+    fn delete(&self, id: Uuid) -> StoreFuture<'_, bool>;
+    /// Proves the store still takes writes (readiness).
+    fn check_writable(&self) -> StoreFuture<'_, ()>;
+}
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot use the SQLite database at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("SQLite error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored enrollment {id} is unreadable: {reason}")]
+    Corrupt { id: String, reason: String },
+    #[error("the store's worker thread failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("the store's lock was poisoned by a panic")]
+    Poisoned,
+}

@@ -1,0 +1,9 @@
+//! What the daemon tells operators about itself: Prometheus metrics ([`metrics`]) and the
+//! events that update an enrollment's live status, its metrics and the log together
+//! ([`events`]).
+
+pub mod events;
+pub mod metrics;
+
+pub use events::EnrollmentTelemetry;
+pub use metrics::{Metrics, OutcomeLabel};
