@@ -4,5 +4,8 @@
 pub mod registry;
 pub mod supervisor;
 
+#[cfg(test)]
+mod tests;
+
 pub use registry::{Created, Registry};
 pub use supervisor::Supervisor;

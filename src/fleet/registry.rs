@@ -13,6 +13,7 @@ use crate::enrollment::record::{Enrollment, NewEnrollment};
 use crate::enrollment::status::now_rfc3339;
 use crate::enrollment::target::TargetAllowlist;
 use crate::fleet::supervisor::{Supervisor, WorkerExit};
+use crate::pipeline::link::{AmqpOpener, LinkOpener};
 use crate::store::{EnrollmentStore, StoreError};
 use crate::telemetry::events::{Connecting, StatusEvent, WorkerRefused, WorkerStopped};
 
@@ -26,14 +27,22 @@ pub enum Created {
     Existing,
 }
 
-#[derive(Clone)]
-pub struct Registry {
-    inner: Arc<Inner>,
+/// `O` opens the workers' links (see [`Supervisor`]).
+pub struct Registry<O = AmqpOpener> {
+    inner: Arc<Inner<O>>,
 }
 
-struct Inner {
+impl<O> Clone for Registry<O> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+struct Inner<O> {
     store: Arc<dyn EnrollmentStore>,
-    supervisor: Supervisor,
+    supervisor: Supervisor<O>,
     defaults: DeliveryDefaults,
     allowlist: TargetAllowlist,
     /// The read path. A std lock: held only for map operations, never across `.await`.
@@ -43,12 +52,12 @@ struct Inner {
     writes: tokio::sync::Mutex<()>,
 }
 
-impl Registry {
+impl<O: LinkOpener> Registry<O> {
     /// Loads every stored enrollment and starts its worker, except for targets the current
     /// `TARGET_ALLOWLIST` refuses: those stay listed, stopped, with the reason.
     pub async fn load(
         store: Arc<dyn EnrollmentStore>,
-        supervisor: Supervisor,
+        supervisor: Supervisor<O>,
         defaults: DeliveryDefaults,
         allowlist: TargetAllowlist,
     ) -> Result<Self, StoreError> {

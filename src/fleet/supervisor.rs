@@ -13,18 +13,26 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::enrollment::live::LiveEnrollment;
-use crate::pipeline::link::AmqpOpener;
+use crate::pipeline::link::{AmqpOpener, LinkOpener};
 use crate::pipeline::worker::{self, WorkerContext};
 use crate::shutdown::StopSignals;
 use crate::telemetry::events::{StatusEvent, WorkerCrashed, WorkerStopped};
 
-#[derive(Clone)]
-pub struct Supervisor {
-    inner: Arc<Inner>,
+/// `O` opens the workers' links: the broker in the daemon, a fake in unit tests.
+pub struct Supervisor<O = AmqpOpener> {
+    inner: Arc<Inner<O>>,
 }
 
-struct Inner {
-    ctx: WorkerContext<AmqpOpener>,
+impl<O> Clone for Supervisor<O> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+struct Inner<O> {
+    ctx: WorkerContext<O>,
     /// Parent of every worker's stop token: cancelling it is the shutdown broadcast.
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -54,8 +62,8 @@ impl WorkerExit {
     }
 }
 
-impl Supervisor {
-    pub fn new(ctx: WorkerContext<AmqpOpener>, shutdown: CancellationToken) -> Self {
+impl<O: LinkOpener> Supervisor<O> {
+    pub fn new(ctx: WorkerContext<O>, shutdown: CancellationToken) -> Self {
         Self {
             inner: Arc::new(Inner {
                 ctx,
@@ -177,8 +185,8 @@ impl Supervisor {
 
 /// Runs the worker in its own task so that a panic is caught here, reported with the
 /// enrollment id and followed by a restart after a backoff delay.
-async fn supervise(
-    ctx: WorkerContext<AmqpOpener>,
+async fn supervise<O: LinkOpener>(
+    ctx: WorkerContext<O>,
     entry: Arc<LiveEnrollment>,
     signals: StopSignals,
     finished: CancellationToken,

@@ -13,5 +13,10 @@ pub mod receive;
 pub mod settle;
 pub mod worker;
 
+#[cfg(test)]
+pub(crate) mod fake;
+#[cfg(test)]
+pub(crate) mod tests;
+
 pub use link::{AmqpOpener, Link, LinkOpener};
 pub use worker::WorkerContext;

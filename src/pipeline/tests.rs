@@ -1,0 +1,379 @@
+//! The worker driven through a fake link (no broker): the settlement each answer earns, credit
+//! following the breaker, how a link ends, reconnects, and the in-flight bound. The target is
+//! a real HTTP server on loopback that answers by the message body.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde_json::json;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::outcome::Disposition;
+use crate::backoff::BackoffSettings;
+use crate::enrollment::live::LiveEnrollment;
+use crate::enrollment::outcome::FailureOutcome;
+use crate::enrollment::policy::tests::defaults;
+use crate::enrollment::record::{Enrollment, SubscriptionArgs};
+use crate::enrollment::settings::DeliverySettings;
+use crate::enrollment::status::{BreakerState, WorkerState};
+use crate::pipeline::fake::{Call, FakeBroker, FakeOpener, settlements};
+use crate::pipeline::worker::{WorkerContext, run};
+use crate::shutdown::StopSignals;
+use crate::telemetry::metrics::Metrics;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Answers by body: `ok` 200, `reject` 422, `drop` 404, `fail` 400, `slow` 200 after 300 ms;
+/// a non-zero `forced` status overrides them all.
+#[derive(Clone, Default)]
+pub(crate) struct Target {
+    pub forced: Arc<AtomicU16>,
+    pub posts: Arc<AtomicUsize>,
+    pub running: Arc<AtomicUsize>,
+    pub most_running: Arc<AtomicUsize>,
+}
+
+async fn answer(State(t): State<Target>, body: Bytes) -> StatusCode {
+    t.posts.fetch_add(1, Ordering::SeqCst);
+    let now = t.running.fetch_add(1, Ordering::SeqCst) + 1;
+    t.most_running.fetch_max(now, Ordering::SeqCst);
+    let forced = t.forced.load(Ordering::SeqCst);
+    let status = if forced != 0 {
+        forced
+    } else {
+        match &body[..] {
+            b"reject" => 422,
+            b"drop" => 404,
+            b"fail" => 400,
+            b"slow" => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                200
+            }
+            _ => 200,
+        }
+    };
+    t.running.fetch_sub(1, Ordering::SeqCst);
+    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// Serves the target on a loopback port for the rest of the test; returns its URL.
+pub(crate) async fn serve(target: Target) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(answer))
+        .with_state(target);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/hook")
+}
+
+pub(crate) fn live(target_url: &str, delivery: serde_json::Value) -> Arc<LiveEnrollment> {
+    let enrollment = Enrollment {
+        id: uuid::Uuid::new_v4(),
+        queue: "/amq/queue/test".into(),
+        target_url: target_url.into(),
+        subscription_args: SubscriptionArgs::default(),
+        created_at: "2026-01-01T00:00:00Z".into(),
+        delivery: DeliverySettings::from_json(delivery).expect("valid delivery settings"),
+        paused: false,
+    };
+    Arc::new(LiveEnrollment::new(enrollment, &defaults()))
+}
+
+pub(crate) fn context(broker: &FakeBroker) -> WorkerContext<FakeOpener> {
+    WorkerContext {
+        opener: Arc::new(FakeOpener(broker.clone())),
+        http: reqwest::Client::new(),
+        default_prefetch: 10,
+        reconnect: BackoffSettings {
+            min: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+        },
+        metrics: Metrics::new(false),
+    }
+}
+
+struct Worker {
+    broker: FakeBroker,
+    live: Arc<LiveEnrollment>,
+    signals: StopSignals,
+    task: JoinHandle<()>,
+}
+
+async fn start(target: &Target, outcome: FailureOutcome, delivery: serde_json::Value) -> Worker {
+    let url = serve(target.clone()).await;
+    let broker = FakeBroker::new(outcome);
+    let live = live(&url, delivery);
+    let signals = StopSignals {
+        stop: CancellationToken::new(),
+        remove: CancellationToken::new(),
+    };
+    let task = tokio::spawn(run(context(&broker), Arc::clone(&live), signals.clone()));
+    Worker {
+        broker,
+        live,
+        signals,
+        task,
+    }
+}
+
+impl Worker {
+    async fn settled(&self, n: usize) -> Vec<(u64, Disposition)> {
+        let calls = self
+            .broker
+            .wait_for(WAIT, |c| settlements(c).len() >= n)
+            .await;
+        let mut s = settlements(&calls);
+        s.sort_by_key(|(id, _)| *id);
+        assert_eq!(s.len(), n, "settlements: {calls:?}");
+        s
+    }
+
+    async fn end(self) -> Vec<Call> {
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("the worker ends in time")
+            .expect("the worker does not panic");
+        self.broker.calls()
+    }
+}
+
+#[tokio::test]
+async fn each_answer_earns_its_settlement_once() {
+    for (max_in_flight, outcome, failed_as) in [
+        (1, FailureOutcome::Released, Disposition::Release),
+        (4, FailureOutcome::Modified, Disposition::Modify),
+    ] {
+        let target = Target::default();
+        let delivery = json!({"max_in_flight": max_in_flight, "reject_on": [422], "drop_on": [404],
+                              "retry": {"max_attempts": 1}});
+        let w = start(&target, outcome, delivery).await;
+        for body in ["ok", "reject", "drop", "fail"] {
+            w.broker.push(body);
+        }
+        let settled = w.settled(4).await;
+        assert_eq!(
+            settled,
+            [
+                (0, Disposition::Accept),
+                (1, Disposition::Reject("target answered 422".into())),
+                (2, Disposition::Accept),
+                (3, failed_as.clone()),
+            ],
+            "max_in_flight {max_in_flight}"
+        );
+        let s = w.live.status.snapshot();
+        assert_eq!(
+            (s.delivered, s.rejected, s.dropped, s.failed, s.in_flight),
+            (1, 1, 1, 1, 0)
+        );
+        assert_eq!(s.state, WorkerState::Active);
+        assert_eq!(s.failure_outcome, Some(outcome));
+        assert_eq!(target.posts.load(Ordering::SeqCst), 4, "one POST each");
+        w.signals.stop.cancel();
+        let calls = w.end().await;
+        assert_eq!(calls.last(), Some(&Call::Detach));
+    }
+}
+
+#[tokio::test]
+async fn an_undecodable_message_is_rejected_and_the_next_flows() {
+    let target = Target::default();
+    let w = start(&target, FailureOutcome::Modified, json!({})).await;
+    w.broker.push_undecodable("bad section");
+    w.broker.push("ok");
+    let settled = w.settled(2).await;
+    assert!(matches!(&settled[0], (0, Disposition::Reject(r)) if r.contains("undecodable")));
+    assert_eq!(settled[1], (1, Disposition::Accept));
+    let s = w.live.status.snapshot();
+    assert_eq!((s.rejected, s.delivered, s.in_flight), (1, 1, 0));
+    assert!(s.last_error.is_some_and(|e| e.contains("undecodable")));
+    w.signals.stop.cancel();
+    w.end().await;
+}
+
+#[tokio::test]
+async fn an_open_breaker_takes_the_credit_away_and_a_good_probe_gives_it_back() {
+    let target = Target::default();
+    target.forced.store(503, Ordering::SeqCst);
+    let delivery = json!({
+        "retry": {"max_attempts": 100, "base_ms": 5, "max_ms": 5, "jitter": false},
+        "circuit_breaker": {"failure_threshold": 2, "open_ms": 200}
+    });
+    let w = start(&target, FailureOutcome::Released, delivery).await;
+    w.broker.push("ok");
+    let calls = w
+        .broker
+        .wait_for(WAIT, |c| c.contains(&Call::SetCredit(0)))
+        .await;
+    assert!(calls.contains(&Call::SetCredit(0)), "{calls:?}");
+    assert_ne!(w.live.status.breaker(), BreakerState::Closed);
+    assert!(
+        settlements(&calls).is_empty(),
+        "held in hand, not handed back"
+    );
+    target.forced.store(0, Ordering::SeqCst);
+    let settled = w.settled(1).await;
+    assert_eq!(settled, [(0, Disposition::Accept)]);
+    let calls = w
+        .broker
+        .wait_for(WAIT, |c| c.contains(&Call::SetCredit(10)))
+        .await;
+    assert!(calls.contains(&Call::SetCredit(10)), "{calls:?}");
+    assert_eq!(w.live.status.breaker(), BreakerState::Closed);
+    w.signals.stop.cancel();
+    w.end().await;
+}
+
+#[tokio::test]
+async fn stopping_detaches_and_removal_closes() {
+    let target = Target::default();
+    let w = start(&target, FailureOutcome::Modified, json!({})).await;
+    w.broker.push("ok");
+    w.settled(1).await;
+    w.signals.stop.cancel();
+    let calls = w.end().await;
+    assert!(
+        calls.contains(&Call::Detach) && !calls.contains(&Call::Close),
+        "{calls:?}"
+    );
+
+    let w = start(&target, FailureOutcome::Modified, json!({})).await;
+    w.broker.push("ok");
+    w.settled(1).await;
+    w.signals.remove.cancel();
+    w.signals.stop.cancel();
+    let calls = w.end().await;
+    assert!(
+        calls.contains(&Call::Close) && !calls.contains(&Call::Detach),
+        "{calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_post_finish_and_removal_hands_it_back() {
+    let target = Target::default();
+    let w = start(
+        &target,
+        FailureOutcome::Modified,
+        json!({"max_in_flight": 2}),
+    )
+    .await;
+    w.broker.push("slow");
+    w.broker
+        .wait_for(WAIT, |_| target.running.load(Ordering::SeqCst) == 1)
+        .await;
+    w.signals.stop.cancel();
+    let calls = w.end().await;
+    assert_eq!(settlements(&calls), [(0, Disposition::Accept)], "{calls:?}");
+    assert_eq!(calls.last(), Some(&Call::Detach));
+
+    let w = start(
+        &target,
+        FailureOutcome::Modified,
+        json!({"max_in_flight": 2}),
+    )
+    .await;
+    w.broker.push("slow");
+    w.broker
+        .wait_for(WAIT, |_| target.running.load(Ordering::SeqCst) == 1)
+        .await;
+    w.signals.remove.cancel();
+    w.signals.stop.cancel();
+    let live = Arc::clone(&w.live);
+    let calls = w.end().await;
+    assert_eq!(
+        settlements(&calls),
+        [(0, Disposition::Release)],
+        "{calls:?}"
+    );
+    assert_eq!(calls.last(), Some(&Call::Close));
+    assert_eq!(live.status.snapshot().in_flight, 0);
+}
+
+#[tokio::test]
+async fn a_failed_link_is_abandoned_and_a_new_one_carries_on() {
+    let target = Target::default();
+    let w = start(&target, FailureOutcome::Modified, json!({})).await;
+    w.broker.push("ok");
+    w.settled(1).await;
+    w.broker.fail_next_recv();
+    let calls = w
+        .broker
+        .wait_for(WAIT, |c| {
+            c.iter().filter(|c| **c == Call::Open).count() >= 2
+        })
+        .await;
+    assert_eq!(
+        calls,
+        [
+            Call::Open,
+            Call::Settle(0, Disposition::Accept),
+            Call::Abandon,
+            Call::Open
+        ]
+    );
+    w.broker.push("ok");
+    w.settled(2).await;
+    assert_eq!(w.live.status.state(), WorkerState::Active);
+    assert!(w.live.status.snapshot().last_error.is_some());
+    w.signals.stop.cancel();
+    w.end().await;
+}
+
+#[tokio::test]
+async fn opening_failures_back_off_and_retry() {
+    let target = Target::default();
+    let url = serve(target.clone()).await;
+    let broker = FakeBroker::new(FailureOutcome::Modified);
+    broker.fail_opens(3);
+    let live = live(&url, json!({}));
+    let signals = StopSignals {
+        stop: CancellationToken::new(),
+        remove: CancellationToken::new(),
+    };
+    let task = tokio::spawn(run(context(&broker), Arc::clone(&live), signals.clone()));
+    broker.push("ok");
+    let calls = broker.wait_for(WAIT, |c| !settlements(c).is_empty()).await;
+    assert_eq!(
+        calls.iter().filter(|c| **c == Call::Open).count(),
+        4,
+        "{calls:?}"
+    );
+    assert_eq!(settlements(&calls), [(0, Disposition::Accept)]);
+    signals.stop.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("ends")
+        .expect("no panic");
+    assert_eq!(live.status.state(), WorkerState::Stopped);
+}
+
+#[tokio::test]
+async fn no_more_posts_run_at_once_than_max_in_flight() {
+    let target = Target::default();
+    let w = start(
+        &target,
+        FailureOutcome::Modified,
+        json!({"max_in_flight": 3}),
+    )
+    .await;
+    for _ in 0..9 {
+        w.broker.push("slow");
+    }
+    let settled = w.settled(9).await;
+    assert!(settled.iter().all(|(_, d)| *d == Disposition::Accept));
+    assert_eq!(target.most_running.load(Ordering::SeqCst), 3);
+    assert_eq!(w.live.status.snapshot().in_flight, 0);
+    w.signals.stop.cancel();
+    w.end().await;
+}
