@@ -47,14 +47,14 @@ fi
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
 
 # The tests talk to the broker above and declare their own queues through its management API.
 export HOT_POTATO_TEST_BROKER=amqp://guest:guest@127.0.0.1:5672
 export HOT_POTATO_TEST_MANAGEMENT=http://127.0.0.1:15672
 
-step "cargo test --all-targets -- --test-threads=2"
-cargo test --all-targets -- --test-threads=2
+step "cargo test --workspace --all-targets -- --test-threads=2"
+cargo test --workspace --all-targets -- --test-threads=2
 
 step "all checks passed"

@@ -2,7 +2,7 @@
 //! copy of each helper. Dev-only; never a dependency of the daemon itself.
 //!
 //! # Layout
-//! - [`peer`]: an in-memory AMQP 1.0 peer (fe2o3-amqp's `acceptor` over `tokio::io::duplex`)
-//!   that records the frames a client sends.
+//! - [`peer`]: an in-memory AMQP 1.0 peer that plays the broker over `tokio::io::duplex` (or
+//!   loopback TCP), records every frame a client sends and stages faults on demand.
 
 pub mod peer;
