@@ -6,13 +6,13 @@
 use divan::{Bencher, black_box};
 use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Data, Message, Properties};
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Value};
+use hot_potato::config::Config;
 use hot_potato::delivery::dispatcher::DeliveryOutcome;
 use hot_potato::delivery::request::PushRequest;
 use hot_potato::delivery::signing::signature;
 use hot_potato::delivery::verdict::verdict;
 use hot_potato::enrollment::outcome::FailureOutcome;
-use hot_potato::enrollment::policy::{DeliveryDefaults, RetryPolicy};
-use hot_potato::enrollment::settings::{BackoffKind, DeliverySettings};
+use hot_potato::enrollment::settings::DeliverySettings;
 use hot_potato::pipeline::settle::disposition;
 use reqwest::header::HeaderValue;
 
@@ -51,19 +51,9 @@ fn message_to_request(bencher: Bencher) {
 
 #[divan::bench]
 fn verdict_on_answers(bencher: Bencher) {
-    let defaults = DeliveryDefaults {
-        max_in_flight: 1,
-        timeout: std::time::Duration::from_secs(10),
-        retry: RetryPolicy {
-            max_attempts: 5,
-            backoff: BackoffKind::Exponential,
-            base_ms: 1000,
-            max_ms: 30_000,
-            jitter: true,
-        },
-        breaker_threshold: 5,
-        breaker_open: std::time::Duration::from_secs(5),
-    };
+    let defaults = Config::from_vars(Vec::<(String, String)>::new())
+        .expect("the default configuration")
+        .delivery_defaults;
     let settings = DeliverySettings::from_json(serde_json::json!({
         "reject_on": [422], "drop_on": ["404", "410"]
     }))

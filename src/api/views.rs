@@ -5,10 +5,9 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::enrollment::live::LiveEnrollment;
-use crate::enrollment::outcome::FailureOutcome;
 use crate::enrollment::policy::DeliveryPolicy;
 use crate::enrollment::record::SubscriptionArgs;
-use crate::enrollment::status::{BreakerState, WorkerState};
+use crate::enrollment::status::{BreakerState, StatusSnapshot, WorkerState};
 
 /// An enrollment in `GET /enrollments`, `GET /enrollments/{id}` and the change routes.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -21,26 +20,14 @@ pub struct EnrollmentView {
     pub created_at: String,
     /// The effective delivery policy, secrets redacted.
     pub delivery: DeliveryPolicy,
-    pub state: WorkerState,
-    pub breaker_state: BreakerState,
-    /// Accepted by the broker after a 2xx.
-    pub delivered: u64,
-    pub failed: u64,
-    pub retries: u64,
-    pub dropped: u64,
-    pub rejected: u64,
-    pub in_flight: u64,
-    /// How failed deliveries are handed back, known once the link has attached.
-    pub failure_outcome: Option<FailureOutcome>,
-    pub last_error: Option<String>,
-    pub last_error_at: Option<String>,
-    pub last_success_at: Option<String>,
+    /// Where the worker is, its breaker, its counters and last error.
+    #[serde(flatten)]
+    pub status: StatusSnapshot,
 }
 
 impl From<&LiveEnrollment> for EnrollmentView {
     fn from(live: &LiveEnrollment) -> Self {
         let e = &live.enrollment;
-        let s = live.status.snapshot();
         Self {
             id: e.id,
             queue: e.queue.clone(),
@@ -48,18 +35,7 @@ impl From<&LiveEnrollment> for EnrollmentView {
             subscription_args: e.subscription_args.clone(),
             created_at: e.created_at.clone(),
             delivery: live.policy.redacted(),
-            state: s.state,
-            breaker_state: s.breaker,
-            delivered: s.delivered,
-            failed: s.failed,
-            retries: s.retries,
-            dropped: s.dropped,
-            rejected: s.rejected,
-            in_flight: s.in_flight,
-            failure_outcome: s.failure_outcome,
-            last_error: s.last_error,
-            last_error_at: s.last_error_at,
-            last_success_at: s.last_success_at,
+            status: live.status.snapshot(),
         }
     }
 }
@@ -91,24 +67,24 @@ pub struct EnrollmentStats {
 
 impl From<&LiveEnrollment> for EnrollmentStats {
     fn from(live: &LiveEnrollment) -> Self {
-        let view = EnrollmentView::from(live);
+        let s = live.status.snapshot();
         let rate_history = live.status.rate_history();
         let total: u64 = rate_history.iter().sum();
         Self {
-            id: view.id,
-            queue: view.queue,
-            target_url: view.target_url,
-            state: view.state,
-            breaker_state: view.breaker_state,
-            delivered: view.delivered,
-            failed: view.failed,
-            retries: view.retries,
-            dead_lettered: view.rejected,
-            dropped: view.dropped,
-            in_flight: view.in_flight,
-            last_error: view.last_error,
-            last_error_at: view.last_error_at,
-            last_success_at: view.last_success_at,
+            id: live.enrollment.id,
+            queue: live.enrollment.queue.clone(),
+            target_url: live.enrollment.target_url_shown(),
+            state: s.state,
+            breaker_state: s.breaker_state,
+            delivered: s.delivered,
+            failed: s.failed,
+            retries: s.retries,
+            dead_lettered: s.rejected,
+            dropped: s.dropped,
+            in_flight: s.in_flight,
+            last_error: s.last_error,
+            last_error_at: s.last_error_at,
+            last_success_at: s.last_success_at,
             rate_per_sec_1m: total as f64 / 60.0,
             rate_history,
         }

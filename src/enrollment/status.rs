@@ -237,17 +237,19 @@ impl EnrollmentStatus {
     }
 }
 
-/// Everything the status holds, read at once for an API answer.
-#[derive(Debug, Clone, PartialEq)]
+/// Everything the status holds, read at once for an API answer (field names are the API's).
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct StatusSnapshot {
     pub state: WorkerState,
-    pub breaker: BreakerState,
+    pub breaker_state: BreakerState,
+    /// Accepted by the broker after a 2xx.
     pub delivered: u64,
     pub failed: u64,
     pub retries: u64,
     pub dropped: u64,
     pub rejected: u64,
     pub in_flight: u64,
+    /// How failed deliveries are handed back, known once the link has attached.
     pub failure_outcome: Option<FailureOutcome>,
     pub last_error: Option<String>,
     pub last_error_at: Option<String>,
@@ -259,7 +261,7 @@ impl EnrollmentStatus {
         let last_error = read_slot(&self.last_error);
         StatusSnapshot {
             state: self.state(),
-            breaker: self.breaker(),
+            breaker_state: self.breaker(),
             delivered: self.delivered(),
             failed: self.failed(),
             retries: self.retries.load(Ordering::Relaxed),
