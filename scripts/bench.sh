@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The dispatch benchmark (benches/dispatch.rs) against the local RabbitMQ: makes sure the broker
-# answers (installing and starting it when missing, see ensure-broker.sh), builds the release
-# daemon the benchmark runs as a child process, then runs `cargo bench --bench dispatch`.
+# The dispatch benchmark (benches/dispatch/, one file per scenario) against the local RabbitMQ:
+# makes sure the broker answers (installing and starting it when missing, see ensure-broker.sh),
+# builds the release daemon the benchmark runs as a child process, then runs
+# `cargo bench --bench dispatch`.
 #
 # Settings come from the environment and are passed through, for example:
 #   BENCH_MESSAGES=5000 BENCH_LATENCY_SECS=5 BENCH_SCALE_ENROLLMENTS=50 scripts/bench.sh
 #   BENCH_SCALE=0 scripts/bench.sh          # without the 1,000-enrollment scenario
 #   BENCH_SCALE_POOL=8 scripts/bench.sh     # its daemon with AMQP_CONNECTION_POOL=8
 # Arguments are passed to the benchmark binary (`--no-scale` skips the scale scenario).
-# See the header of benches/dispatch.rs for every variable.
+# See the header of benches/dispatch/main.rs for every variable. The daemon binary is looked for
+# under CARGO_TARGET_DIR when that is set (HOT_POTATO_BIN names another).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,25 +1,35 @@
-//! Shared test harness: the real RabbitMQ broker (started by `scripts/test.sh`), its
-//! management API for declaring queues and reading depths, a publisher, a recording HTTP
-//! target, and the daemon run in-process or as a child process.
+//! Shared test harness. The helpers themselves live in the `hot-potato-testkit` crate
+//! (`tests/testkit`), which the benchmark uses too; here they are wrapped so that a failure
+//! panics the test, and configured for the tests' broker (`HOT_POTATO_TEST_BROKER`,
+//! `HOT_POTATO_TEST_MANAGEMENT`). What needs the `hot-potato` crate itself (the daemon run
+//! in-process) and the tests' time limit stay here.
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::fmt::Display;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
 use fe2o3_amqp::types::messaging::{Message, SerializableBody};
-use fe2o3_amqp::{Connection, Sender, Session};
 use hot_potato::config::Config;
+use hot_potato_testkit as kit;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+// Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use kit::{
+    address,
+    daemon::{DaemonProcess, unwatch_child, watch_child},
+    target::{Received, StatusRule},
+};
+
+/// The value, or a panic naming the error and its causes.
+#[track_caller]
+fn must<T, E: Display>(result: Result<T, E>) -> T {
+    result.unwrap_or_else(|e| panic!("{e:#}"))
+}
 
 pub fn broker_url() -> String {
     std::env::var("HOT_POTATO_TEST_BROKER")
@@ -48,45 +58,14 @@ pub fn unique(name: &str) -> String {
     )
 }
 
-/// RabbitMQ 3.x address of an existing queue.
-pub fn address(queue: &str) -> String {
-    format!("/amq/queue/{queue}")
-}
-
 /// The limit every test runs under (see [`time_limit`]): generous beside the slowest test in
 /// a debug build, so it only ever fires on a hang.
 pub const TEST_TIME_LIMIT: Duration = Duration::from_secs(300);
 
-/// Processes (or process groups, as `-pgid`) that a test started, killed by the time limit.
-static CHILDREN: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-/// What `kill` is given for `pid`: the pid, or `-pid` for its whole process group.
-fn kill_target(pid: u32, group: bool) -> String {
-    if group {
-        format!("-{pid}")
-    } else {
-        pid.to_string()
-    }
-}
-
-fn children() -> std::sync::MutexGuard<'static, Vec<String>> {
-    CHILDREN.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Has the time limit kill `pid` (its whole group when `group`) if it fires.
-pub fn watch_child(pid: u32, group: bool) {
-    children().push(kill_target(pid, group));
-}
-
-/// Forgets `pid`, once it has been reaped, so its number is never signalled after reuse.
-pub fn unwatch_child(pid: u32, group: bool) {
-    let target = kill_target(pid, group);
-    children().retain(|t| *t != target);
-}
-
 /// Ends the test binary if the test that holds the returned guard is still running after
 /// `limit`: a hang then fails the run at once, naming the test, instead of stalling CI.
-/// Children that tests started are killed first, so none outlives the binary.
+/// Children that tests started (see [`watch_child`]) are killed first, so none outlives the
+/// binary.
 #[must_use = "the limit lasts as long as the guard"]
 pub fn time_limit(limit: Duration) -> TimeLimit {
     let name = std::thread::current().name().unwrap_or("a test").to_owned();
@@ -94,12 +73,7 @@ pub fn time_limit(limit: Duration) -> TimeLimit {
     std::thread::spawn(move || {
         if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(limit) {
             eprintln!("\n{name}: still running after {limit:?}; killing its children and exiting");
-            for target in children().iter() {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", "--", target])
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
+            kit::daemon::kill_watched();
             std::process::exit(124);
         }
     });
@@ -111,31 +85,25 @@ pub struct TimeLimit {
     _done: std::sync::mpsc::Sender<()>,
 }
 
-/// Polls `check` until it returns `Some`, or panics with `what` after `limit`.
+/// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `limit`.
 pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let every = Duration::from_millis(50);
+    must(
+        kit::wait::wait_for(what, limit, every, || {
+            let fut = check();
+            async move { Ok(fut.await) }
+        })
+        .await,
+    )
 }
 
-/// The RabbitMQ management HTTP API.
+/// The RabbitMQ management HTTP API ([`kit::management::Management`]), panicking on failure.
 #[derive(Clone)]
-pub struct Management {
-    http: reqwest::Client,
-    base: String,
-}
+pub struct Management(kit::management::Management);
 
 impl Default for Management {
     fn default() -> Self {
@@ -145,377 +113,130 @@ impl Default for Management {
 
 impl Management {
     pub fn new() -> Self {
-        Self {
-            http: reqwest::Client::new(),
-            base: management_url(),
-        }
-    }
-
-    async fn put_queue(&self, name: &str, body: Value) {
-        let res = self
-            .http
-            .put(format!("{}/api/queues/%2F/{name}", self.base))
-            .basic_auth("guest", Some("guest"))
-            .json(&body)
-            .send()
-            .await
-            .expect("management API reachable");
-        assert!(
-            res.status().is_success(),
-            "declare {name}: {}",
-            res.status()
-        );
+        Self(must(kit::management::Management::new(&management_url())))
     }
 
     pub async fn declare_classic(&self, name: &str) {
-        self.put_queue(name, json!({"durable": true})).await;
+        must(self.0.declare_classic(name).await);
     }
 
     pub async fn declare_quorum(&self, name: &str) {
-        self.put_queue(
-            name,
-            json!({"durable": true, "arguments": {"x-queue-type": "quorum"}}),
-        )
-        .await;
+        must(self.0.declare_quorum(name).await);
     }
 
     /// A quorum queue that dead-letters to `NAME.dlq` after `limit` redeliveries.
     pub async fn declare_with_dead_letter(&self, name: &str, limit: u32) -> String {
-        let dlq = format!("{name}.dlq");
-        self.declare_classic(&dlq).await;
-        self.put_queue(
-            name,
-            json!({"durable": true, "arguments": {
-                "x-queue-type": "quorum",
-                "x-delivery-limit": limit,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": dlq,
-            }}),
-        )
-        .await;
-        dlq
+        must(self.0.declare_with_dead_letter(name, limit).await)
     }
 
+    /// The queue as the management API shows it; `None` when that fails.
     pub async fn queue_info(&self, name: &str) -> Option<Value> {
-        let res = self
-            .http
-            .get(format!("{}/api/queues/%2F/{name}", self.base))
-            .basic_auth("guest", Some("guest"))
-            .send()
-            .await
-            .ok()?;
-        if !res.status().is_success() {
-            return None;
-        }
-        res.json().await.ok()
+        self.0.queue_info(name).await.ok()
     }
 
     /// Ready plus unacknowledged messages, once the management API has a figure.
     pub async fn depth(&self, name: &str) -> Option<u64> {
-        self.queue_info(name).await?.get("messages")?.as_u64()
+        self.0.depth(name).await.ok().flatten()
     }
 
     /// Waits until the queue holds exactly `n` messages.
     pub async fn wait_depth(&self, name: &str, n: u64, limit: Duration) {
-        wait_for(&format!("{name} to hold {n} messages"), limit, || async {
-            (self.depth(name).await == Some(n)).then_some(())
-        })
-        .await
+        must(self.0.wait_depth(name, n, limit).await);
     }
 
-    /// Publishes raw bytes through the management API. With `amqp_1_0_sections`, RabbitMQ's
-    /// AMQP 1.0 plugin hands the bytes to 1.0 consumers as the encoded message itself, which
-    /// is how a malformed message can be put on a queue.
+    /// Publishes raw bytes through the management API (see
+    /// [`kit::management::Management::publish_raw`]); panics unless routed.
     pub async fn publish_raw(&self, queue: &str, payload: &[u8], amqp_1_0_sections: bool) {
-        use base64::Engine as _;
-        let mut properties = json!({});
-        if amqp_1_0_sections {
-            properties["type"] = json!("amqp-1.0");
-        }
-        let res = self
-            .http
-            .post(format!(
-                "{}/api/exchanges/%2F/amq.default/publish",
-                self.base
-            ))
-            .basic_auth("guest", Some("guest"))
-            .json(&json!({
-                "properties": properties,
-                "routing_key": queue,
-                "payload": base64::engine::general_purpose::STANDARD.encode(payload),
-                "payload_encoding": "base64",
-            }))
-            .send()
-            .await
-            .expect("management API reachable");
-        let body: Value = res.json().await.expect("json");
-        assert_eq!(body["routed"], true, "{body}");
+        must(self.0.publish_raw(queue, payload, amqp_1_0_sections).await);
     }
 
+    /// Deletes the queue, ignoring failures (cleanup at a test's end).
     pub async fn delete_queue(&self, name: &str) {
-        let _ = self
-            .http
-            .delete(format!("{}/api/queues/%2F/{name}", self.base))
-            .basic_auth("guest", Some("guest"))
-            .send()
-            .await;
+        let _ = self.0.delete_queue(name).await;
     }
 }
 
-/// Publishes messages to a queue over AMQP 1.0, each one confirmed by the broker.
-pub struct Publisher {
-    connection: fe2o3_amqp::connection::ConnectionHandle<()>,
-    session: fe2o3_amqp::session::SessionHandle<()>,
-    sender: Sender,
-}
+/// Publishes messages to one queue over AMQP 1.0, each one confirmed by the broker.
+pub struct Publisher(kit::publisher::Publisher);
 
 impl Publisher {
     pub async fn connect(queue: &str) -> Self {
-        let mut connection = Connection::open(
-            format!("test-publisher-{}", uuid::Uuid::new_v4()),
-            broker_url().as_str(),
-        )
-        .await
-        .expect("broker reachable");
-        let mut session = Session::begin(&mut connection).await.expect("session");
-        let sender = Sender::attach(&mut session, "test-sender", address(queue))
-            .await
-            .expect("sender attach");
-        Self {
-            connection,
-            session,
-            sender,
-        }
+        Self(must(
+            kit::publisher::Publisher::connect(&broker_url(), &[queue]).await,
+        ))
     }
 
     pub async fn send<T: SerializableBody>(&mut self, message: Message<T>) {
-        let outcome = self.sender.send(message).await.expect("send");
-        outcome
-            .accepted_or("not accepted")
-            .expect("accepted by the broker");
+        must(self.0.send(message).await);
     }
 
-    /// Sends `"prefix-0"`, `"prefix-1"`… as AmqpValue strings, pipelined in batches.
+    /// Sends `"prefix-0"`, `"prefix-1"`… as AmqpValue strings, pipelined.
     pub async fn send_numbered(&mut self, prefix: &str, range: std::ops::Range<usize>) {
-        let mut pending = Vec::new();
-        for i in range {
-            let fut = self
-                .sender
-                .send_batchable(format!("{prefix}-{i}"))
-                .await
-                .expect("send");
-            pending.push(fut);
-            if pending.len() >= 200 {
-                for f in pending.drain(..) {
-                    f.await
-                        .expect("outcome")
-                        .accepted_or("not accepted")
-                        .expect("accepted");
-                }
-            }
-        }
-        for f in pending {
-            f.await
-                .expect("outcome")
-                .accepted_or("not accepted")
-                .expect("accepted");
-        }
+        must(self.0.send_numbered(prefix, range).await);
     }
 
-    /// Closes sender, session and connection, each step bounded: fe2o3 0.18 now and then
-    /// never sees RabbitMQ 3.10's answer to an End, and closing the connection ends it all.
-    pub async fn close(mut self) {
-        let limit = Duration::from_secs(5);
-        if tokio::time::timeout(limit, self.sender.close())
-            .await
-            .is_err()
-        {
-            eprintln!("test publisher: sender close unanswered within {limit:?}");
-        }
-        if tokio::time::timeout(limit, self.session.end())
-            .await
-            .is_err()
-        {
-            eprintln!("test publisher: session end unanswered within {limit:?}");
-        }
-        if tokio::time::timeout(limit, self.connection.close())
-            .await
-            .is_err()
-        {
-            eprintln!("test publisher: connection close unanswered within {limit:?}");
-        }
+    /// Closes sender, session and connection, each step bounded.
+    pub async fn close(self) {
+        self.0.close().await;
     }
 }
 
-/// One request as the target saw it.
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    pub at: Instant,
-    pub status: u16,
-}
-
-impl Received {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-}
-
-/// Chooses a status from a request body.
-pub type StatusRule = fn(&str) -> u16;
-
-#[derive(Clone, Default)]
-struct TargetState {
-    received: Arc<Mutex<Vec<Received>>>,
-    status: Arc<AtomicU16>,
-    delay_ms: Arc<AtomicU64>,
-    current: Arc<AtomicUsize>,
-    max_concurrent: Arc<AtomicUsize>,
-    /// When set, chooses each answer's status from the request body instead of `status`.
-    status_by_body: Arc<Mutex<Option<StatusRule>>>,
-}
-
-/// A recording HTTP target on 127.0.0.1 that answers with a settable status and can be
-/// stopped and started again on the same port.
-pub struct Target {
-    state: TargetState,
-    addr: SocketAddr,
-    server: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
-}
+/// A recording HTTP target ([`kit::target::Target`]) on 127.0.0.1, panicking on failure.
+pub struct Target(kit::target::Target);
 
 impl Target {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let state = TargetState::default();
-        state.status.store(200, Ordering::SeqCst);
-        let mut target = Self {
-            state,
-            addr,
-            server: None,
-        };
-        target.serve(listener);
-        target
-    }
-
-    fn serve(&mut self, listener: TcpListener) {
-        let (tx, rx) = oneshot::channel();
-        let app = Router::new()
-            .fallback(record)
-            .with_state(self.state.clone());
-        let handle = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
-        self.server = Some((tx, handle));
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
-    }
-
-    pub fn set_status(&self, status: u16) {
-        self.state.status.store(status, Ordering::SeqCst);
-    }
-
-    /// Answers each request with `rule(body)` from now on.
-    pub fn set_status_by_body(&self, rule: StatusRule) {
-        *self.state.status_by_body.lock().expect("lock") = Some(rule);
-    }
-
-    /// Makes every answer wait this long.
-    pub fn set_delay(&self, delay: Duration) {
-        self.state
-            .delay_ms
-            .store(delay.as_millis() as u64, Ordering::SeqCst);
-    }
-
-    /// The most requests that were open at once.
-    pub fn max_concurrent(&self) -> usize {
-        self.state.max_concurrent.load(Ordering::SeqCst)
-    }
-
-    pub fn received(&self) -> Vec<Received> {
-        self.state.received.lock().expect("lock").clone()
-    }
-
-    pub fn count(&self) -> usize {
-        self.state.received.lock().expect("lock").len()
-    }
-
-    /// Bodies of the requests answered 2xx, in arrival order.
-    pub fn accepted_bodies(&self) -> Vec<String> {
-        self.received()
-            .iter()
-            .filter(|r| (200..300).contains(&r.status))
-            .map(Received::text)
-            .collect()
-    }
-
-    /// Stops listening: connections are then refused.
-    pub async fn stop(&mut self) {
-        if let Some((tx, handle)) = self.server.take() {
-            let _ = tx.send(());
-            let _ = handle.await;
-        }
+        Self(must(kit::target::Target::start().await))
     }
 
     /// Listens again on the same port.
     pub async fn restart(&mut self) {
-        let listener = wait_for(
-            "the target port to be free",
-            Duration::from_secs(10),
-            || async { TcpListener::bind(self.addr).await.ok() },
-        )
-        .await;
-        self.serve(listener);
+        must(self.0.restart().await);
     }
 }
 
-async fn record(State(state): State<TargetState>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let now_open = state.current.fetch_add(1, Ordering::SeqCst) + 1;
-    state.max_concurrent.fetch_max(now_open, Ordering::SeqCst);
-    let delay = state.delay_ms.load(Ordering::SeqCst);
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
+impl std::ops::Deref for Target {
+    type Target = kit::target::Target;
+    fn deref(&self) -> &kit::target::Target {
+        &self.0
     }
-    state.current.fetch_sub(1, Ordering::SeqCst);
-    let rule = *state.status_by_body.lock().expect("lock");
-    let status = match rule {
-        Some(rule) => rule(&String::from_utf8_lossy(&body)),
-        None => state.status.load(Ordering::SeqCst),
-    };
-    state.received.lock().expect("lock").push(Received {
-        headers,
-        body,
-        at: Instant::now(),
-        status,
-    });
-    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+impl std::ops::DerefMut for Target {
+    fn deref_mut(&mut self) -> &mut kit::target::Target {
+        &mut self.0
+    }
+}
+
+/// A target that accepts TCP connections and never answers (`.url`).
+pub struct HangingTarget(kit::target::HangingTarget);
+
+impl HangingTarget {
+    pub async fn start() -> Self {
+        Self(must(kit::target::HangingTarget::start().await))
+    }
+}
+
+impl std::ops::Deref for HangingTarget {
+    type Target = kit::target::HangingTarget;
+    fn deref(&self) -> &kit::target::HangingTarget {
+        &self.0
+    }
 }
 
 /// Environment for a daemon under test.
 pub fn daemon_env(db: &Path, port: u16) -> Vec<(String, String)> {
-    [
-        ("AMQP_URL", broker_url()),
-        ("HTTP_HOST", "127.0.0.1".into()),
-        ("HTTP_PORT", port.to_string()),
-        ("SQLITE_BACKUP_PATH", db.display().to_string()),
-        ("RECONNECT_MIN_MS", "200".into()),
-        ("RECONNECT_MAX_MS", "2000".into()),
-        ("DELIVERY_TIMEOUT_MS", "5000".into()),
-        ("SHUTDOWN_GRACE_MS", "5000".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    let mut env = kit::daemon::base_env(&broker_url(), db, port);
+    env.extend(
+        [
+            ("RECONNECT_MIN_MS", "200"),
+            ("RECONNECT_MAX_MS", "2000"),
+            ("DELIVERY_TIMEOUT_MS", "5000"),
+            ("SHUTDOWN_GRACE_MS", "5000"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    env
 }
 
 /// The daemon running in this test process.
@@ -568,53 +289,36 @@ impl Daemon {
     }
 }
 
-/// A small client for the daemon's API.
+/// A small client for the daemon's API ([`kit::api::Api`]: `.http`, `.base`), panicking on
+/// failure.
 #[derive(Clone)]
-pub struct Api {
-    pub http: reqwest::Client,
-    pub base: String,
+pub struct Api(kit::api::Api);
+
+impl std::ops::Deref for Api {
+    type Target = kit::api::Api;
+    fn deref(&self) -> &kit::api::Api {
+        &self.0
+    }
 }
 
 impl Api {
     pub fn new(base: &str) -> Self {
-        Self {
-            http: reqwest::Client::new(),
-            base: base.to_string(),
-        }
+        Self(must(kit::api::Api::new(base)))
     }
 
     /// Enrolls and returns the enrollment JSON; asserts 201 or 200.
     pub async fn enroll(&self, body: Value) -> Value {
-        let res = self
-            .http
-            .post(format!("{}/enroll", self.base))
-            .json(&body)
-            .send()
-            .await
-            .expect("API reachable");
-        let status = res.status().as_u16();
-        let json: Value = res.json().await.expect("JSON answer");
-        assert!(
-            status == 201 || status == 200,
-            "enroll answered {status}: {json}"
-        );
-        json
+        must(self.0.enroll(&body).await)
     }
 
     pub async fn enroll_queue(&self, queue: &str, target: &str) -> String {
-        let e = self
-            .enroll(json!({"queue": address(queue), "target_url": target}))
-            .await;
-        e["id"].as_str().expect("id").to_string()
+        let body = json!({"queue": address(queue), "target_url": target});
+        must(self.0.enroll_id(&body).await)
     }
 
     /// The port the daemon under this client listens on.
     pub fn port(&self) -> u16 {
-        self.base
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("base URL ends with a port")
+        must(self.0.port())
     }
 
     /// Enrolls `queue` for `target` and waits until its link is attached.
@@ -626,40 +330,25 @@ impl Api {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let res = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .expect("API reachable");
-        let status = res.status().as_u16();
-        let body = res.json().await.unwrap_or(Value::Null);
-        (status, body)
+        must(self.0.get(path).await)
     }
 
     pub async fn delete(&self, id: &str) -> u16 {
-        self.http
-            .delete(format!("{}/enroll/{id}", self.base))
-            .send()
-            .await
-            .expect("API reachable")
-            .status()
-            .as_u16()
+        must(self.0.delete(id).await)
     }
 
     pub async fn enrollment(&self, id: &str) -> Value {
-        let (status, body) = self.get(&format!("/enrollments/{id}")).await;
-        assert_eq!(status, 200, "{body}");
-        body
+        must(self.0.enrollment(id).await)
     }
 
     /// Waits until the enrollment reports `state`.
     pub async fn wait_state(&self, id: &str, state: &str, limit: Duration) -> Value {
-        wait_for(&format!("enrollment {id} to be {state}"), limit, || async {
-            let e = self.enrollment(id).await;
-            (e["state"] == state).then_some(e)
-        })
-        .await
+        must(self.0.wait_state(id, state, limit).await)
+    }
+
+    /// Waits until the daemon answers `/health`.
+    pub async fn wait_healthy(&self) {
+        must(self.0.wait_healthy(Duration::from_secs(20)).await);
     }
 }
 
@@ -672,105 +361,26 @@ pub fn temp_db() -> (tempfile::TempDir, PathBuf) {
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// A target that accepts TCP connections and never answers.
-pub struct HangingTarget {
-    pub url: String,
-    task: JoinHandle<()>,
-}
-
-impl HangingTarget {
-    pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
-        let task = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
-        Self { url, task }
-    }
-}
-
-impl Drop for HangingTarget {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// The daemon binary as a child process, killed when the test ends (also on a failed
-/// assertion) so no daemon outlives its test.
-pub struct DaemonProcess(pub std::process::Child);
-
-impl std::ops::Deref for DaemonProcess {
-    type Target = std::process::Child;
-    fn deref(&self) -> &std::process::Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for DaemonProcess {
-    fn deref_mut(&mut self) -> &mut std::process::Child {
-        &mut self.0
-    }
-}
-
-impl Drop for DaemonProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        unwatch_child(self.0.id(), false);
-    }
+    must(kit::daemon::free_port())
 }
 
 /// Starts the binary on `db` and `port` (LOG_LEVEL=warn, no change limit), its output to
-/// `log` when given, else stderr.
+/// `log` when given, else stderr; killed when the returned handle drops.
 pub fn spawn_daemon(
     db: &Path,
     port: u16,
     log: Option<&Path>,
     extra: &[(&str, &str)],
 ) -> DaemonProcess {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hot-potato"));
-    cmd.env_clear()
-        .envs(daemon_env(db, port))
-        .env("LOG_LEVEL", "warn")
-        .env("API_RATE_LIMIT_PER_MIN", "0")
-        .envs(extra.iter().copied())
-        .current_dir(db.parent().expect("db dir"));
-    match log {
-        Some(path) => {
-            let file = std::fs::File::create(path).expect("log file");
-            cmd.stdout(file.try_clone().expect("log file")).stderr(file);
-        }
-        None => {
-            cmd.stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::inherit());
-        }
-    }
-    let child = cmd.spawn().expect("daemon starts");
-    watch_child(child.id(), false);
-    DaemonProcess(child)
-}
-
-impl Api {
-    /// Waits until the daemon answers `/health`.
-    pub async fn wait_healthy(&self) {
-        wait_for("the daemon to serve", Duration::from_secs(20), || async {
-            let res = self
-                .http
-                .get(format!("{}/health", self.base))
-                .send()
-                .await
-                .ok()?;
-            res.status().is_success().then_some(())
-        })
-        .await;
-    }
+    let mut env = daemon_env(db, port);
+    env.push(("LOG_LEVEL".into(), "warn".into()));
+    env.push(("API_RATE_LIMIT_PER_MIN".into(), "0".into()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let dir = db.parent().expect("db dir");
+    must(kit::daemon::spawn(
+        Path::new(env!("CARGO_BIN_EXE_hot-potato")),
+        &env,
+        dir,
+        log,
+    ))
 }

@@ -1,0 +1,82 @@
+//! What /proc says about a process (CPU ticks, resident memory) and about the machine.
+
+use anyhow::{Context as _, Result, anyhow};
+
+fn read_proc(path: &str) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))
+}
+
+/// utime + stime of a process (`self` for this one), in clock ticks.
+pub fn cpu_ticks(pid: &str) -> Result<u64> {
+    let stat = read_proc(&format!("/proc/{pid}/stat"))?;
+    // The command name is in parentheses and may contain spaces: fields restart after ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("unexpected /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 3 (state) is fields[0]; utime is field 14, stime field 15.
+    let utime: u64 = fields
+        .get(11)
+        .and_then(|v| v.parse().ok())
+        .context("utime")?;
+    let stime: u64 = fields
+        .get(12)
+        .and_then(|v| v.parse().ok())
+        .context("stime")?;
+    Ok(utime + stime)
+}
+
+/// The number of a `Field: N kB` line.
+fn kb_line(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// A `kB` line of /proc/PID/status (VmHWM, VmRSS), in kB.
+pub fn status_kb(pid: &str, field: &str) -> Result<u64> {
+    let status = read_proc(&format!("/proc/{pid}/status"))?;
+    kb_line(&status, field).ok_or_else(|| anyhow!("no {field} in /proc/{pid}/status"))
+}
+
+pub fn mib(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+/// The RabbitMQ node's process, to show its CPU beside the daemon's.
+pub fn broker_pid() -> Option<String> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries.flatten().find_map(|e| {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
+
+/// CPUs, model, memory and load average, for the report's first line.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = kb_line(&meminfo, "MemTotal").map_or("?".into(), |kb| {
+        format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0)
+    });
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "{nproc} CPU(s) (nproc), {model}, {mem} RAM; load average {}",
+        load.join(" ")
+    )
+}
