@@ -254,7 +254,9 @@ async fn credit_detach_close_and_drop_frames() -> anyhow::Result<()> {
         let detaches = peer.detaches();
         let closed: Vec<bool> = detaches.iter().map(|d| d.closed).collect();
         println!("detach frames the client sent: {detaches:#?}");
-        assert_eq!(closed, [false, true, true], "detach(), close(), drop");
+        // The workspace's fe2o3-amqp is patched (vendor/fe2o3-amqp/PATCHES.md): a dropped
+        // receiver detaches without closing, so a durable subscription survives a crash.
+        assert_eq!(closed, [false, true, false], "detach(), close(), drop");
         assert!(detaches.iter().all(|d| d.error.is_none()));
 
         session.end().await?;
@@ -590,7 +592,7 @@ async fn dropping_a_receiver_then_ending_the_session() -> anyhow::Result<()> {
             .collect();
         println!("after drop + end: {tail:#?}");
         let detach = frames.iter().find_map(|f| f.as_detach()).expect("a detach");
-        assert!(detach.closed, "drop sends detach{{closed: true}}");
+        assert!(!detach.closed, "drop sends detach{{closed: false}} (patched fe2o3)");
         assert_eq!(tail.len(), 2, "one detach, then the end");
         assert_eq!(peer.queued("q"), 1, "the unsettled delivery went back");
         connection.close().await?;
