@@ -22,13 +22,12 @@ use hot_potato::enrollment::outcome::FailureOutcomePolicy;
 use hot_potato::enrollment::record::{Enrollment, NewEnrollment};
 use hot_potato::enrollment::status::WorkerState;
 use hot_potato::pipeline::link::AmqpOpener;
-use hot_potato::pipeline::worker::{WorkerContext, run};
+use hot_potato::pipeline::worker::{WorkerContext, WorkerEnd, run};
 use hot_potato::shutdown::StopSignals;
 use hot_potato::telemetry::metrics::Metrics;
 use hot_potato_testkit::peer::{Peer, PeerConfig, SourceAnswer, TestMessage};
 use serde_json::json;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(10);
 const QUEUE: &str = "orders";
@@ -63,7 +62,7 @@ struct Worker {
     peer: Arc<Peer>,
     live: Arc<LiveEnrollment>,
     signals: StopSignals,
-    task: JoinHandle<()>,
+    task: JoinHandle<WorkerEnd>,
     forced: Arc<AtomicU16>,
 }
 
@@ -105,11 +104,9 @@ async fn start(source: SourceAnswer, body: serde_json::Value) -> Worker {
         },
         metrics: Metrics::new(false),
     };
-    let signals = StopSignals {
-        stop: CancellationToken::new(),
-        remove: CancellationToken::new(),
-    };
-    let task = tokio::spawn(run(ctx, Arc::clone(&live), signals.clone()));
+    let signals = StopSignals::default();
+    let generation = live.status.next_generation();
+    let task = tokio::spawn(run(ctx, Arc::clone(&live), signals.clone(), generation));
     Worker {
         peer,
         live,
@@ -138,6 +135,7 @@ impl Worker {
     async fn end(self, remove: bool) -> Detach {
         if remove {
             self.signals.remove.cancel();
+            self.signals.abandon.cancel();
         }
         self.signals.stop.cancel();
         tokio::time::timeout(WAIT, self.task)

@@ -207,7 +207,9 @@ impl AmqpLink {
     }
 
     /// Drops the link after a broker error: whatever is unsettled goes back to the queue
-    /// when the session ends.
+    /// when the session ends. The dropped receiver detaches with `closed=false` (the vendored
+    /// fe2o3-amqp's patch), so a durable subscription survives; a failed link would not answer
+    /// a detach handshake anyway.
     pub async fn abandon(self) {
         let Self {
             lease, receiver, ..

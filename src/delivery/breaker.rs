@@ -1,21 +1,25 @@
-//! The per-enrollment circuit breaker. After `failure_threshold` consecutive failed POSTs it
-//! opens: no POST is made and the worker grants no link credit, so messages wait in the
-//! broker (or unsettled in hand) without using up their delivery count. After `open_ms` one
-//! probe POST is let through (half-open); its success closes the breaker, its failure opens
-//! it again.
+//! The per-enrollment circuit breaker. After `failure_threshold` consecutive POSTs that found
+//! the target unavailable it opens: no POST is made and the worker grants no link credit, so
+//! messages wait in the broker (or unsettled in hand) without using up their delivery count.
+//! After `open_ms` it turns half-open: one probe POST is let through (the worker grants one
+//! credit if nothing is in hand, so a probe can always be made); its success closes the
+//! breaker, its failure opens it again. A probe permit that is dropped unused (its task was
+//! aborted, the worker is stopping) gives the probe slot back.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::enrollment::policy::BreakerPolicy;
 use crate::enrollment::status::BreakerState;
 
-/// What a caller may do: an ordinary POST, or the one probe of a half-open breaker.
+/// What kind of POST a permit allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Permit {
+pub enum PermitKind {
     Normal,
+    /// The one probe of a half-open breaker.
     Probe,
 }
 
@@ -24,9 +28,9 @@ pub enum Permit {
 pub enum Health {
     /// 2xx.
     Up,
-    /// Network error, timeout, or a retry-class status.
+    /// No answer, or an answer that says the target is unavailable.
     Down,
-    /// The target answered deliberately (a 4xx outside the retry class): it is alive.
+    /// The target answered deliberately (an error answer, a 4xx): it is alive.
     Answered,
 }
 
@@ -46,6 +50,35 @@ pub struct CircuitBreaker {
     /// Broadcasts every state change: to waiting POSTs and to the worker, which stops and
     /// restarts link credit.
     changes: watch::Sender<BreakerState>,
+}
+
+/// Leave to make one POST. Report its result with [`Permit::record`]; a permit dropped
+/// unreported gives a probe slot back, so an aborted probe never blocks the breaker.
+#[derive(Debug)]
+pub struct Permit<'a> {
+    breaker: &'a CircuitBreaker,
+    kind: PermitKind,
+    reported: bool,
+}
+
+impl Permit<'_> {
+    pub fn kind(&self) -> PermitKind {
+        self.kind
+    }
+
+    /// Reports the result of the POST made under this permit.
+    pub fn record(mut self, health: Health) {
+        self.reported = true;
+        self.breaker.record(self.kind, health);
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.reported && self.kind == PermitKind::Probe {
+            self.breaker.give_back_probe();
+        }
+    }
 }
 
 impl CircuitBreaker {
@@ -86,13 +119,35 @@ impl CircuitBreaker {
         }
     }
 
+    fn permit(&self, kind: PermitKind) -> Permit<'_> {
+        Permit {
+            breaker: self,
+            kind,
+            reported: false,
+        }
+    }
+
+    /// When an open breaker turns half-open; `None` unless it is open.
+    pub fn half_opens_at(&self) -> Option<Instant> {
+        let inner = self.lock();
+        (inner.state == BreakerState::Open).then(|| inner.opened_at + self.open_for)
+    }
+
+    /// Turns an open breaker half-open once `open_ms` has passed, without waiting for a POST
+    /// to ask: the worker calls it on a timer, so a probe can be made even with nothing in hand.
+    pub fn half_open_if_due(&self) {
+        let mut inner = self.lock();
+        if inner.state == BreakerState::Open && inner.opened_at.elapsed() >= self.open_for {
+            self.set(&mut inner, BreakerState::HalfOpen);
+        }
+    }
+
     /// Waits until a POST may be made. Cancel-safe: a caller dropped while waiting holds
-    /// nothing; one that got a probe must report it with [`record`](Self::record) or
-    /// [`abandon`](Self::abandon).
-    pub async fn acquire(&self) -> Permit {
+    /// nothing.
+    pub async fn acquire(&self) -> Permit<'_> {
         // The common case, a closed breaker, costs one uncontended lock.
         if self.lock().state == BreakerState::Closed {
-            return Permit::Normal;
+            return self.permit(PermitKind::Normal);
         }
         loop {
             // Subscribe before looking, so a change between the look and the wait wakes us.
@@ -100,22 +155,19 @@ impl CircuitBreaker {
             changes.borrow_and_update();
             let wait = {
                 let mut inner = self.lock();
+                if inner.state == BreakerState::Open && inner.opened_at.elapsed() >= self.open_for {
+                    self.set(&mut inner, BreakerState::HalfOpen);
+                }
                 match inner.state {
-                    BreakerState::Closed => return Permit::Normal,
-                    BreakerState::Open => {
-                        let elapsed = inner.opened_at.elapsed();
-                        if elapsed >= self.open_for && !inner.probe_out {
-                            inner.probe_out = true;
-                            self.set(&mut inner, BreakerState::HalfOpen);
-                            return Permit::Probe;
-                        }
-                        Some(self.open_for.saturating_sub(elapsed))
-                    }
+                    BreakerState::Closed => return self.permit(PermitKind::Normal),
                     BreakerState::HalfOpen if !inner.probe_out => {
                         inner.probe_out = true;
-                        return Permit::Probe;
+                        return self.permit(PermitKind::Probe);
                     }
                     BreakerState::HalfOpen => None,
+                    BreakerState::Open => Some(
+                        (inner.opened_at + self.open_for).saturating_duration_since(Instant::now()),
+                    ),
                 }
             };
             match wait {
@@ -125,30 +177,32 @@ impl CircuitBreaker {
                         _ = changes.changed() => {}
                     }
                 }
-                _ => {
+                Some(_) => {}
+                None => {
                     let _ = changes.changed().await;
                 }
             }
         }
     }
 
-    /// Reports the result of a POST made under `permit`.
-    pub fn record(&self, permit: Permit, health: Health) {
+    fn record(&self, kind: PermitKind, health: Health) {
         let mut inner = self.lock();
-        match (permit, health) {
+        match (kind, health) {
             (_, Health::Up | Health::Answered) => {
                 inner.consecutive_failures = 0;
-                if permit == Permit::Probe || inner.state == BreakerState::HalfOpen {
+                if kind == PermitKind::Probe {
                     inner.probe_out = false;
+                }
+                if kind == PermitKind::Probe || inner.state == BreakerState::HalfOpen {
                     self.set(&mut inner, BreakerState::Closed);
                 }
             }
-            (Permit::Probe, Health::Down) => {
+            (PermitKind::Probe, Health::Down) => {
                 inner.probe_out = false;
                 inner.opened_at = Instant::now();
                 self.set(&mut inner, BreakerState::Open);
             }
-            (Permit::Normal, Health::Down) => {
+            (PermitKind::Normal, Health::Down) => {
                 inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
                 if self.threshold > 0
                     && inner.consecutive_failures >= self.threshold
@@ -161,14 +215,12 @@ impl CircuitBreaker {
         }
     }
 
-    /// Gives back a probe that was never made (the worker is stopping).
-    pub fn abandon(&self, permit: Permit) {
-        if permit == Permit::Probe {
-            let mut inner = self.lock();
-            inner.probe_out = false;
-            // Wake another waiter so it can take the probe.
-            self.changes.send_replace(inner.state);
-        }
+    /// A probe permit was dropped unused: the slot is free again.
+    fn give_back_probe(&self) {
+        let mut inner = self.lock();
+        inner.probe_out = false;
+        // Wake another waiter so it can take the probe.
+        self.changes.send_replace(inner.state);
     }
 }
 
@@ -187,35 +239,38 @@ mod tests {
     async fn opens_after_the_threshold_probes_and_closes() {
         let b = breaker(3, 1000);
         for _ in 0..2 {
-            assert_eq!(b.acquire().await, Permit::Normal);
-            b.record(Permit::Normal, Health::Down);
+            let p = b.acquire().await;
+            assert_eq!(p.kind(), PermitKind::Normal);
+            p.record(Health::Down);
         }
         assert_eq!(b.state(), BreakerState::Closed);
-        b.record(Permit::Normal, Health::Down);
+        b.acquire().await.record(Health::Down);
         assert_eq!(b.state(), BreakerState::Open);
 
-        let started = tokio::time::Instant::now();
-        assert_eq!(b.acquire().await, Permit::Probe);
+        let started = Instant::now();
+        let probe = b.acquire().await;
+        assert_eq!(probe.kind(), PermitKind::Probe);
         assert!(started.elapsed() >= Duration::from_millis(1000));
         assert_eq!(b.state(), BreakerState::HalfOpen);
-        b.record(Permit::Probe, Health::Down);
+        probe.record(Health::Down);
         assert_eq!(b.state(), BreakerState::Open);
 
-        assert_eq!(b.acquire().await, Permit::Probe);
-        b.record(Permit::Probe, Health::Up);
+        let probe = b.acquire().await;
+        assert_eq!(probe.kind(), PermitKind::Probe);
+        probe.record(Health::Up);
         assert_eq!(b.state(), BreakerState::Closed);
-        assert_eq!(b.acquire().await, Permit::Normal);
+        assert_eq!(b.acquire().await.kind(), PermitKind::Normal);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_success_or_a_deliberate_answer_resets_the_count() {
         let b = breaker(2, 1000);
-        b.record(Permit::Normal, Health::Down);
-        b.record(Permit::Normal, Health::Answered);
-        b.record(Permit::Normal, Health::Down);
+        b.acquire().await.record(Health::Down);
+        b.acquire().await.record(Health::Answered);
+        b.acquire().await.record(Health::Down);
         assert_eq!(b.state(), BreakerState::Closed);
-        b.record(Permit::Normal, Health::Up);
-        b.record(Permit::Normal, Health::Down);
+        b.acquire().await.record(Health::Up);
+        b.acquire().await.record(Health::Down);
         assert_eq!(b.state(), BreakerState::Closed);
     }
 
@@ -223,23 +278,39 @@ mod tests {
     async fn threshold_zero_never_opens() {
         let b = breaker(0, 1000);
         for _ in 0..100 {
-            b.record(Permit::Normal, Health::Down);
+            b.acquire().await.record(Health::Down);
         }
-        assert_eq!(b.acquire().await, Permit::Normal);
+        assert_eq!(b.acquire().await.kind(), PermitKind::Normal);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn only_one_probe_at_a_time_and_an_abandoned_probe_passes_on() {
+    async fn only_one_probe_at_a_time_and_a_dropped_probe_passes_on() {
         let b = std::sync::Arc::new(breaker(1, 100));
-        b.record(Permit::Normal, Health::Down);
-        assert_eq!(b.acquire().await, Permit::Probe);
+        b.acquire().await.record(Health::Down);
+        let probe = b.acquire().await;
+        assert_eq!(probe.kind(), PermitKind::Probe);
         let waiter = {
             let b = b.clone();
-            tokio::spawn(async move { b.acquire().await })
+            tokio::spawn(async move { b.acquire().await.kind() })
         };
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!waiter.is_finished(), "a second probe must wait");
-        b.abandon(Permit::Probe);
-        assert_eq!(waiter.await.expect("join"), Permit::Probe);
+        // An aborted probe task drops its permit without reporting.
+        drop(probe);
+        assert_eq!(waiter.await.expect("join"), PermitKind::Probe);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_turns_half_open_on_time_without_a_waiter() {
+        let b = breaker(1, 1000);
+        b.acquire().await.record(Health::Down);
+        let due = b.half_opens_at().expect("open");
+        b.half_open_if_due();
+        assert_eq!(b.state(), BreakerState::Open, "not yet");
+        tokio::time::sleep_until(due).await;
+        b.half_open_if_due();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(b.half_opens_at(), None);
+        assert_eq!(b.acquire().await.kind(), PermitKind::Probe);
     }
 }

@@ -3,14 +3,14 @@
 //! a message ([`DeliveryOutcome`]); what the broker is then told is the pipeline's call.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::header::{HeaderMap, HeaderValue};
 use url::Url;
 use uuid::Uuid;
 
-use crate::delivery::breaker::{CircuitBreaker, Health, Permit};
+use crate::delivery::breaker::{CircuitBreaker, Health};
 use crate::delivery::post::{PostResult, age_since, post};
 use crate::delivery::request::PushRequest;
 use crate::delivery::signing;
@@ -19,7 +19,9 @@ use crate::enrollment::live::LiveEnrollment;
 use crate::enrollment::policy::DeliveryPolicy;
 use crate::enrollment::status::BreakerState;
 use crate::shutdown::StopSignals;
-use crate::telemetry::events::{AttemptFailed, PostAttempted, RetryScheduled};
+use crate::telemetry::events::{
+    AttemptFailed, HoldEnded, HoldStarted, PostAttempted, RetryScheduled,
+};
 use crate::telemetry::{EnrollmentTelemetry, metrics::status_class};
 
 /// What became of one message's delivery. `message_id` is kept for the log line of the
@@ -111,9 +113,15 @@ impl Dispatcher {
         headers
     }
 
-    /// Delivers one message: POSTs it, retries locally with backoff while its answers are
-    /// in the retry class and attempts remain, waits while the breaker is open (the message
-    /// stays unsettled in hand, its delivery count unused), and says what became of it.
+    /// Delivers one message and says what became of it:
+    /// - an error answer in the retry class (500 by default) is retried with backoff, every
+    ///   attempt counted, probes included, until `retry.max_attempts`: then it fails, so a
+    ///   message the target keeps failing reaches the dead-letter queue through the broker's
+    ///   delivery limit and the messages behind it flow;
+    /// - no answer, or an answer in `unavailable_on`, holds the message in hand, its attempts
+    ///   uncounted and its delivery count untouched, retrying with backoff and through the
+    ///   breaker's probes until the target is back (or `max_hold_ms` has passed);
+    /// - stopping hands it back at once, removal abandons a POST under way.
     pub async fn deliver(&self, request: &PushRequest, signals: &StopSignals) -> DeliveryOutcome {
         // Stable across attempts so a receiver can de-duplicate on it.
         let webhook_id = request
@@ -121,8 +129,12 @@ impl Dispatcher {
             .clone()
             .unwrap_or_else(|| format!("msg_{}", Uuid::new_v4().simple()));
         let message_id = request.message_id.as_deref().unwrap_or("");
-        let max_attempts = self.policy.retry.max_attempts;
-        let mut counted_attempts = 0u32;
+        let failed = |reason: String| DeliveryOutcome::Failed {
+            reason,
+            message_id: request.message_id.clone(),
+        };
+        let mut attempts = 0u32;
+        let mut held: Option<Hold<'_>> = None;
         loop {
             let permit = tokio::select! {
                 biased;
@@ -132,30 +144,21 @@ impl Dispatcher {
             if let Some(limiter) = &self.limiter {
                 tokio::select! {
                     biased;
-                    _ = signals.stop.cancelled() => {
-                        self.breaker.abandon(permit);
-                        return DeliveryOutcome::HandedBack;
-                    }
+                    _ = signals.stop.cancelled() => return DeliveryOutcome::HandedBack,
                     _ = limiter.until_ready() => {}
                 }
             }
             let headers = self.headers_for(request, &webhook_id);
-            // Shutdown lets a POST finish; removal abandons it.
+            // Stopping lets a POST finish; removal and the shutdown deadline abandon it.
             let result = tokio::select! {
                 biased;
-                _ = signals.remove.cancelled() => {
-                    self.breaker.abandon(permit);
-                    return DeliveryOutcome::HandedBack;
-                }
+                _ = signals.abandon.cancelled() => return DeliveryOutcome::HandedBack,
                 result = self.timed_post(request, headers) => result,
             };
-            if permit == Permit::Normal {
-                counted_attempts += 1;
-            }
             let verdict = verdict(result.code(), &self.policy);
-            self.breaker.record(permit, health(verdict));
-            let id = || request.message_id.clone();
-            match verdict {
+            permit.record(health(verdict));
+            let reason = || result.describe();
+            let delay = match verdict {
                 Verdict::Success => {
                     return DeliveryOutcome::Delivered {
                         age: request.created_at_ms.and_then(age_since),
@@ -163,60 +166,74 @@ impl Dispatcher {
                 }
                 Verdict::Drop => {
                     return DeliveryOutcome::Dropped {
-                        reason: result.describe(),
-                        message_id: id(),
+                        reason: reason(),
+                        message_id: request.message_id.clone(),
                     };
                 }
                 Verdict::Reject => {
                     return DeliveryOutcome::Rejected {
-                        reason: result.describe(),
-                        message_id: id(),
+                        reason: reason(),
+                        message_id: request.message_id.clone(),
                     };
                 }
-                Verdict::Fail => {
-                    return DeliveryOutcome::Failed {
-                        reason: result.describe(),
-                        message_id: id(),
-                    };
-                }
+                Verdict::Fail => return failed(reason()),
                 Verdict::Retry => {
-                    let reason = result.describe();
+                    attempts = attempts.saturating_add(1);
+                    let why = reason();
                     self.telemetry.emit(AttemptFailed {
                         message_id,
-                        reason: &reason,
+                        reason: &why,
                     });
-                    if self.breaker.state() != BreakerState::Closed {
-                        // Held in hand; the next attempt waits for the breaker's probe slot.
-                        continue;
+                    if attempts >= self.policy.retry.max_attempts {
+                        return failed(why);
                     }
-                    if counted_attempts >= max_attempts {
-                        return DeliveryOutcome::Failed {
-                            reason,
-                            message_id: id(),
-                        };
-                    }
-                    let retry_after = match &result {
-                        PostResult::Status { retry_after, .. } => *retry_after,
-                        _ => None,
-                    };
-                    let delay = retry_after
-                        .map(|d| d.min(Duration::from_millis(self.policy.retry.max_ms)))
-                        .unwrap_or_else(|| {
-                            self.policy.retry.delay(counted_attempts, fastrand::f64())
-                        });
+                    let delay = self.retry_delay(&result, attempts);
                     self.telemetry.emit(RetryScheduled {
                         message_id,
-                        attempt: counted_attempts,
+                        attempt: attempts,
                         delay,
                     });
-                    tokio::select! {
-                        biased;
-                        _ = signals.stop.cancelled() => return DeliveryOutcome::HandedBack,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+                    delay
                 }
+                Verdict::Unavailable => {
+                    let why = reason();
+                    self.telemetry.emit(AttemptFailed {
+                        message_id,
+                        reason: &why,
+                    });
+                    let hold =
+                        held.get_or_insert_with(|| Hold::start(&self.telemetry, message_id, &why));
+                    hold.tries = hold.tries.saturating_add(1);
+                    if let Some(limit) = self.policy.max_hold_ms
+                        && hold.since.elapsed() >= Duration::from_millis(limit)
+                    {
+                        return failed(format!("{why}; held longer than max_hold_ms ({limit} ms)"));
+                    }
+                    if self.breaker.state() != BreakerState::Closed {
+                        // The next attempt waits for the breaker's probe slot.
+                        continue;
+                    }
+                    self.retry_delay(&result, hold.tries)
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = signals.stop.cancelled() => return DeliveryOutcome::HandedBack,
+                _ = tokio::time::sleep(delay) => {}
             }
         }
+    }
+
+    /// The wait before the next attempt: the target's `Retry-After` (capped at
+    /// `retry.max_ms`), else the retry policy's backoff after `tries` failures.
+    fn retry_delay(&self, result: &PostResult, tries: u32) -> Duration {
+        let retry_after = match result {
+            PostResult::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        };
+        retry_after
+            .map(|d| d.min(Duration::from_millis(self.policy.retry.max_ms)))
+            .unwrap_or_else(|| self.policy.retry.delay(tries, fastrand::f64()))
     }
 
     async fn timed_post(&self, request: &PushRequest, headers: HeaderMap) -> PostResult {
@@ -237,11 +254,37 @@ impl Dispatcher {
     }
 }
 
-/// What a verdict says about the target's health, for the breaker.
+/// What a verdict says about the target's health, for the breaker: only an unavailable target
+/// counts against it; an error answer comes from a live target.
 fn health(verdict: Verdict) -> Health {
     match verdict {
         Verdict::Success => Health::Up,
-        Verdict::Retry => Health::Down,
-        Verdict::Reject | Verdict::Drop | Verdict::Fail => Health::Answered,
+        Verdict::Unavailable => Health::Down,
+        Verdict::Retry | Verdict::Reject | Verdict::Drop | Verdict::Fail => Health::Answered,
+    }
+}
+
+/// A message held in hand while the target is unavailable; counted in the status for as long
+/// as it lives, however the delivery ends (even when its task is aborted).
+struct Hold<'a> {
+    telemetry: &'a EnrollmentTelemetry,
+    since: Instant,
+    tries: u32,
+}
+
+impl<'a> Hold<'a> {
+    fn start(telemetry: &'a EnrollmentTelemetry, message_id: &str, reason: &str) -> Self {
+        telemetry.emit(HoldStarted { message_id, reason });
+        Self {
+            telemetry,
+            since: Instant::now(),
+            tries: 0,
+        }
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.telemetry.emit(HoldEnded);
     }
 }

@@ -9,8 +9,13 @@ use crate::enrollment::status_pattern::StatusPattern;
 pub enum Verdict {
     /// 2xx: accept.
     Success,
-    /// Retry class: try again locally while attempts remain.
+    /// Retry class (an error answer, e.g. 500): try again locally while attempts remain; every
+    /// attempt counts, so a message the target keeps failing reaches the dead-letter queue.
     Retry,
+    /// No answer, or an answer in `unavailable_on` (429, 502–504 by default): the target is
+    /// down, not the message. The message is held, its attempts not counted, and the breaker
+    /// takes note.
+    Unavailable,
     /// `reject_on`: AMQP `rejected`, the broker dead-letters at once.
     Reject,
     /// `drop_on`: accept and count as dropped.
@@ -20,10 +25,11 @@ pub enum Verdict {
 }
 
 /// The status-class decision. `status` is `None` for a network error or a timeout.
-/// Precedence: 2xx, then `reject_on`, `drop_on`, `retry_on`, and everything else fails.
+/// Precedence: 2xx, then `reject_on`, `drop_on`, `unavailable_on`, `retry_on`, and everything
+/// else fails.
 pub fn verdict(status: Option<u16>, policy: &DeliveryPolicy) -> Verdict {
     let Some(code) = status else {
-        return Verdict::Retry;
+        return Verdict::Unavailable;
     };
     let any = |list: &[StatusPattern]| list.iter().any(|p| p.matches(code));
     if (200..300).contains(&code) {
@@ -32,6 +38,8 @@ pub fn verdict(status: Option<u16>, policy: &DeliveryPolicy) -> Verdict {
         Verdict::Reject
     } else if any(&policy.drop_on) {
         Verdict::Drop
+    } else if any(&policy.unavailable_on) {
+        Verdict::Unavailable
     } else if any(&policy.retry_on) {
         Verdict::Retry
     } else {
@@ -51,12 +59,14 @@ mod tests {
         policy.reject_on = vec![StatusPattern::code(422)];
         policy.drop_on = vec![StatusPattern::code(404), StatusPattern::code(503)];
         let cases = [
-            (None, Verdict::Retry),
+            (None, Verdict::Unavailable),
             (Some(200), Verdict::Success),
             (Some(204), Verdict::Success),
             (Some(408), Verdict::Retry),
             (Some(425), Verdict::Retry),
-            (Some(429), Verdict::Retry),
+            (Some(429), Verdict::Unavailable),
+            (Some(502), Verdict::Unavailable),
+            (Some(504), Verdict::Unavailable),
             (Some(500), Verdict::Retry),
             (Some(599), Verdict::Retry),
             (Some(503), Verdict::Drop),

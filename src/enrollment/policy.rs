@@ -59,6 +59,9 @@ pub struct DeliveryPolicy {
     pub timeout_ms: u64,
     pub retry: RetryPolicy,
     pub retry_on: Vec<StatusPattern>,
+    pub unavailable_on: Vec<StatusPattern>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_hold_ms: Option<u64>,
     pub reject_on: Vec<StatusPattern>,
     pub drop_on: Vec<StatusPattern>,
     pub circuit_breaker: BreakerPolicy,
@@ -72,6 +75,12 @@ pub struct DeliveryPolicy {
 pub struct BreakerPolicy {
     pub failure_threshold: u32,
     pub open_ms: u64,
+}
+
+/// The default unavailable class: 429, 502, 503 and 504 (network errors and timeouts are always
+/// unavailable). A message answered with one of these is held, not counted.
+pub fn default_unavailable_on() -> Vec<StatusPattern> {
+    vec![StatusPattern::code(429), StatusPattern::range(502, 504)]
 }
 
 /// The default retry class: 408, 425, 429 and 5xx (network errors and timeouts always retry).
@@ -103,6 +112,11 @@ impl DeliverySettings {
                 .unwrap_or(defaults.timeout.as_millis() as u64),
             retry,
             retry_on: self.retry_on.clone().unwrap_or_else(default_retry_on),
+            unavailable_on: self
+                .unavailable_on
+                .clone()
+                .unwrap_or_else(default_unavailable_on),
+            max_hold_ms: self.max_hold_ms,
             reject_on: self.reject_on.clone().unwrap_or_default(),
             drop_on: self.drop_on.clone().unwrap_or_default(),
             circuit_breaker: BreakerPolicy {

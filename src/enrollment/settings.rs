@@ -16,6 +16,8 @@ use crate::enrollment::status_pattern::StatusPattern;
 /// Bounds that keep one enrollment from taking the daemon's memory or sockets.
 pub const MAX_IN_FLIGHT: u32 = 1_000;
 pub const MAX_ATTEMPTS: u32 = 100;
+/// Longest `max_hold_ms`: a week.
+pub const MAX_HOLD_MS: u64 = 7 * 24 * 3_600_000;
 /// The largest link credit an enrollment may ask for (`subscription_args.prefetch`,
 /// `DEFAULT_PREFETCH`): credit is memory held in the daemon.
 pub const MAX_PREFETCH: u32 = 10_000;
@@ -32,6 +34,14 @@ pub struct DeliverySettings {
     pub retry: Option<RetryInput>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_on: Option<Vec<StatusPattern>>,
+    /// Answers that mean the target is unavailable: the message is held (its delivery count
+    /// untouched) instead of using an attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable_on: Option<Vec<StatusPattern>>,
+    /// How long a message may be held while the target is unavailable before it is handed
+    /// back with the failure outcome; absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_hold_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reject_on: Option<Vec<StatusPattern>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,6 +168,14 @@ impl DeliverySettings {
             return invalid(
                 "max_in_flight",
                 &format!("must be from 1 to {MAX_IN_FLIGHT}"),
+            );
+        }
+        if let Some(ms) = self.max_hold_ms
+            && !(1..=MAX_HOLD_MS).contains(&ms)
+        {
+            return invalid(
+                "max_hold_ms",
+                &format!("must be from 1 to {MAX_HOLD_MS} (7 days)"),
             );
         }
         if self.timeout_ms == Some(0) {

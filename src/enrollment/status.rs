@@ -65,6 +65,12 @@ pub struct EnrollmentStatus {
     last_success_ms: AtomicI64,
     rate: RateWindow,
     paused: AtomicBool,
+    /// Messages held in hand because the target is unavailable, and why since when.
+    held: AtomicU64,
+    held_reason: Mutex<Option<(String, String)>>,
+    /// Which start of the worker may write the worker's state: a stopped worker finishing
+    /// late must not overwrite what its successor reports.
+    generation: AtomicU64,
 }
 
 /// Deliveries per second over the last minute: 60 one-second buckets, each stamped with the
@@ -141,6 +147,9 @@ impl Default for EnrollmentStatus {
             last_success_ms: AtomicI64::new(0),
             rate: RateWindow::default(),
             paused: AtomicBool::new(false),
+            held: AtomicU64::new(0),
+            held_reason: Mutex::new(None),
+            generation: AtomicU64::new(0),
         }
     }
 }
@@ -202,6 +211,40 @@ impl EnrollmentStatus {
     pub fn record_rejected(&self) {
         bump(&self.rejected);
     }
+    /// Takes the whole in-flight count back to zero (a link ended); returns what it was.
+    pub fn clear_in_flight(&self) -> u64 {
+        self.in_flight.swap(0, Ordering::Relaxed)
+    }
+    /// One more message held while the target is unavailable; `reason` is why.
+    pub fn record_hold(&self, reason: &str) {
+        if self.held.fetch_add(1, Ordering::Relaxed) == 0 {
+            set_slot(&self.held_reason, Some((reason.to_string(), now_rfc3339())));
+        } else {
+            let mut slot = self.held_reason.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((text, _)) = slot.as_mut() {
+                reason.clone_into(text);
+            }
+        }
+    }
+    /// A held message was settled or handed back.
+    pub fn release_hold(&self) {
+        let previous = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            })
+            .unwrap_or(0);
+        if previous <= 1 {
+            set_slot(&self.held_reason, None);
+        }
+    }
+    /// Starts a new worker generation; only events of the newest may set the worker state.
+    pub fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
     pub fn add_in_flight(&self, delta: i64) {
         if delta >= 0 {
             self.in_flight.fetch_add(delta as u64, Ordering::Relaxed);
@@ -249,6 +292,11 @@ pub struct StatusSnapshot {
     pub dropped: u64,
     pub rejected: u64,
     pub in_flight: u64,
+    /// Messages held in hand because the target is unavailable (their delivery count unused).
+    pub held: u64,
+    /// Why they are held (the last unavailable answer), and since when.
+    pub held_reason: Option<String>,
+    pub held_since: Option<String>,
     /// How failed deliveries are handed back, known once the link has attached.
     pub failure_outcome: Option<FailureOutcome>,
     pub last_error: Option<String>,
@@ -259,6 +307,7 @@ pub struct StatusSnapshot {
 impl EnrollmentStatus {
     pub fn snapshot(&self) -> StatusSnapshot {
         let last_error = read_slot(&self.last_error);
+        let held = read_slot(&self.held_reason);
         StatusSnapshot {
             state: self.state(),
             breaker_state: self.breaker(),
@@ -268,6 +317,9 @@ impl EnrollmentStatus {
             dropped: self.dropped.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
+            held: self.held.load(Ordering::Relaxed),
+            held_reason: held.as_ref().map(|(r, _)| r.clone()),
+            held_since: held.map(|(_, at)| at),
             failure_outcome: self.failure_outcome(),
             last_error_at: last_error.as_ref().map(|(_, at)| at.clone()),
             last_error: last_error.map(|(e, _)| e),

@@ -1,6 +1,8 @@
-//! The enrollments the daemon runs: the map and its writes over the store ([`registry`]) and
-//! the worker tasks ([`supervisor`]).
+//! The enrollments the daemon runs: the map and its writes over the store ([`registry`]), the
+//! worker tasks ([`supervisor`]) and the subscriptions of deleted enrollments still to be
+//! closed ([`closer`]).
 
+pub mod closer;
 pub mod registry;
 pub mod supervisor;
 

@@ -1,6 +1,9 @@
 //! Owns every worker task: starts one per enrollment, restarts a worker that panics (with
-//! backoff, logging its enrollment id), stops one on DELETE, and on shutdown waits for all of
-//! them up to the grace period, then aborts and names the stragglers.
+//! backoff, logging its enrollment id), stops one on DELETE (and keeps trying to close a
+//! durable subscription it could not close, see [`crate::fleet::closer`]), and on shutdown
+//! waits for all of them: POSTs still under way near the end of the grace period are
+//! abandoned so every worker can settle and detach in time; only then are stragglers aborted
+//! and named.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,8 +16,10 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::enrollment::live::LiveEnrollment;
+use crate::fleet::closer::Closer;
+use crate::pipeline::catch::panic_message;
 use crate::pipeline::link::{AmqpOpener, LinkOpener};
-use crate::pipeline::worker::{self, WorkerContext};
+use crate::pipeline::worker::{self, WorkerContext, WorkerEnd};
 use crate::shutdown::StopSignals;
 use crate::telemetry::events::{StatusEvent, WorkerCrashed, WorkerStopped};
 
@@ -35,7 +40,11 @@ struct Inner<O> {
     ctx: WorkerContext<O>,
     /// Parent of every worker's stop token: cancelling it is the shutdown broadcast.
     shutdown: CancellationToken,
+    /// Parent of every worker's abandon token: cancelled as the shutdown deadline nears.
+    abandon_all: CancellationToken,
     tracker: TaskTracker,
+    /// Subscriptions of deleted enrollments still to be closed.
+    closer: Closer,
     /// Running workers by enrollment id. Std mutex: only held for map operations.
     workers: Mutex<HashMap<Uuid, WorkerHandle>>,
 }
@@ -67,6 +76,8 @@ impl<O: LinkOpener> Supervisor<O> {
         Self {
             inner: Arc::new(Inner {
                 ctx,
+                abandon_all: CancellationToken::new(),
+                closer: Closer::default(),
                 shutdown,
                 tracker: TaskTracker::new(),
                 workers: Mutex::new(HashMap::new()),
@@ -90,16 +101,19 @@ impl<O: LinkOpener> Supervisor<O> {
         let id = entry.enrollment.id;
         let signals = StopSignals {
             stop: self.inner.shutdown.child_token(),
+            abandon: self.inner.abandon_all.child_token(),
             remove: CancellationToken::new(),
         };
         let finished = CancellationToken::new();
         let span =
             tracing::info_span!("worker", enrollment_id = %id, queue = %entry.enrollment.queue);
+        let generation = entry.status.next_generation();
         let task = supervise(
-            self.inner.ctx.clone(),
+            self.clone(),
             entry,
             signals.clone(),
             finished.clone(),
+            generation,
         );
         let handle = self.inner.tracker.spawn(task.instrument(span));
         let previous = self.workers().insert(
@@ -124,6 +138,7 @@ impl<O: LinkOpener> Supervisor<O> {
         match handle {
             Some(h) => {
                 h.signals.remove.cancel();
+                h.signals.abandon.cancel();
                 h.signals.stop.cancel();
                 WorkerExit {
                     finished: Some(h.finished),
@@ -151,15 +166,49 @@ impl<O: LinkOpener> Supervisor<O> {
         self.inner.shutdown.is_cancelled()
     }
 
+    /// Closes the durable subscription of a deleted enrollment that has no worker (paused, or
+    /// refused by the allowlist): attach, then close; retried until it succeeds or the daemon
+    /// stops, and listed meanwhile in [`Supervisor::pending_closes`].
+    pub fn close_subscription(&self, entry: Arc<LiveEnrollment>) {
+        if entry.enrollment.subscription_args.durable != Some(true) || self.is_shutting_down() {
+            return;
+        }
+        let span = tracing::info_span!("closer", enrollment_id = %entry.enrollment.id);
+        let task = self.inner.closer.run(
+            self.inner.ctx.clone(),
+            entry,
+            self.inner.shutdown.child_token(),
+            None,
+        );
+        self.inner.tracker.spawn(task.instrument(span));
+    }
+
+    /// Deleted enrollments whose durable subscription could not be closed yet.
+    pub fn pending_closes(&self) -> Vec<crate::fleet::closer::PendingClose> {
+        self.inner.closer.pending()
+    }
+
     /// Stops every worker: they stop receiving, finish and settle what is in flight, and
-    /// detach (keeping durable subscriptions). After `grace` the rest are aborted, by name;
-    /// their unsettled messages return to the queue when their connections drop.
+    /// detach (keeping durable subscriptions). POSTs still under way when most of `grace` has
+    /// passed are abandoned and their messages handed back, so the workers can still settle
+    /// and detach in time; whatever is left at `grace` is aborted, by name (its link then
+    /// detaches without closing, its unsettled messages return to the queue).
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.shutdown.cancel();
         self.inner.tracker.close();
-        if tokio::time::timeout(grace, self.inner.tracker.wait())
+        // Room to settle and detach after abandoning: a quarter of the grace, at most 2 s.
+        let margin = (grace / 4).min(Duration::from_secs(2));
+        let waited = tokio::time::timeout(grace.saturating_sub(margin), self.inner.tracker.wait())
             .await
-            .is_ok()
+            .is_ok();
+        if !waited {
+            tracing::info!("abandoning POSTs still under way to stop in time");
+            self.inner.abandon_all.cancel();
+        }
+        if waited
+            || tokio::time::timeout(margin, self.inner.tracker.wait())
+                .await
+                .is_ok()
         {
             tracing::info!("all workers stopped");
             return;
@@ -184,23 +233,37 @@ impl<O: LinkOpener> Supervisor<O> {
 }
 
 /// Runs the worker in its own task so that a panic is caught here, reported with the
-/// enrollment id and followed by a restart after a backoff delay.
+/// enrollment id and followed by a restart after a backoff delay. A removed worker that could
+/// not close its durable subscription hands it to the closer.
 async fn supervise<O: LinkOpener>(
-    ctx: WorkerContext<O>,
+    supervisor: Supervisor<O>,
     entry: Arc<LiveEnrollment>,
     signals: StopSignals,
     finished: CancellationToken,
+    generation: u64,
 ) {
     let _finished = finished.drop_guard();
+    let ctx = supervisor.inner.ctx.clone();
     let mut restarts = Backoff::new(ctx.reconnect);
     loop {
         let span = tracing::Span::current();
         // Aborting this supervising task (shutdown deadline) aborts the worker with it.
         let worker = AbortOnDropHandle::new(tokio::spawn(
-            worker::run(ctx.clone(), Arc::clone(&entry), signals.clone()).instrument(span),
+            worker::run(ctx.clone(), Arc::clone(&entry), signals.clone(), generation)
+                .instrument(span),
         ));
         match worker.await {
-            Ok(()) => return,
+            Ok(WorkerEnd::CloseFailed(reason)) => {
+                let closing = supervisor.inner.closer.run(
+                    ctx,
+                    entry,
+                    supervisor.inner.shutdown.child_token(),
+                    Some(reason),
+                );
+                closing.await;
+                return;
+            }
+            Ok(_) => return,
             Err(e) if e.is_panic() => {
                 let reason = panic_message(e.into_panic());
                 WorkerCrashed {
@@ -214,19 +277,12 @@ async fn supervise<O: LinkOpener>(
             biased;
             _ = signals.stop.cancelled() => {
                 WorkerStopped { paused: entry.status.paused() }.emit(&entry.status);
+                if signals.remove.is_cancelled() {
+                    supervisor.close_subscription(entry);
+                }
                 return;
             }
             _ = tokio::time::sleep(restarts.next_delay()) => {}
         }
-    }
-}
-
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
     }
 }

@@ -1,5 +1,8 @@
-//! Link credit that follows the breaker: none while it is open or half-open, so messages wait
-//! in the broker with their delivery count untouched (the probe uses a message in hand).
+//! Link credit that follows the breaker: the enrollment's credit while it is closed; none while
+//! it is open, so messages wait in the broker with their delivery count untouched; while it is
+//! half-open, one credit when nothing is in hand, so a probe can always be made (a message in
+//! hand probes by itself). Lowering credit never fails a transfer already on the wire (the
+//! vendored fe2o3-amqp keeps such transfers; see vendor/fe2o3-amqp/PATCHES.md).
 
 use crate::amqp::error::LinkError;
 use crate::enrollment::status::BreakerState;
@@ -13,20 +16,18 @@ pub struct CreditFollower {
 }
 
 impl CreditFollower {
-    /// A follower for a link attached with `credit`.
-    pub fn new(credit: u32) -> Self {
-        Self {
-            credit,
-            granted: credit,
-        }
+    /// A follower for a link attached with `granted` credit.
+    pub fn new(credit: u32, granted: u32) -> Self {
+        Self { credit, granted }
     }
 
-    /// The credit the link should have with the breaker in `breaker`.
-    pub fn wanted(&self, breaker: BreakerState) -> u32 {
-        if breaker == BreakerState::Closed {
-            self.credit
-        } else {
-            0
+    /// The credit the link should have with the breaker in `breaker` and `in_hand` messages
+    /// taken but not settled.
+    pub fn wanted(credit: u32, breaker: BreakerState, in_hand: usize) -> u32 {
+        match breaker {
+            BreakerState::Closed => credit,
+            BreakerState::HalfOpen if in_hand == 0 => 1,
+            BreakerState::HalfOpen | BreakerState::Open => 0,
         }
     }
 
@@ -34,12 +35,38 @@ impl CreditFollower {
         &mut self,
         link: &mut L,
         breaker: BreakerState,
+        in_hand: usize,
     ) -> Result<(), LinkError> {
-        let wanted = self.wanted(breaker);
+        let wanted = Self::wanted(self.credit, breaker, in_hand);
         if wanted != self.granted {
             link.set_credit(wanted).await?;
             self.granted = wanted;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credit_by_breaker_state_and_hand() {
+        use BreakerState::*;
+        let cases = [
+            (Closed, 0, 200),
+            (Closed, 5, 200),
+            (Open, 0, 0),
+            (Open, 3, 0),
+            (HalfOpen, 0, 1),
+            (HalfOpen, 1, 0),
+        ];
+        for (state, in_hand, want) in cases {
+            assert_eq!(
+                CreditFollower::wanted(200, state, in_hand),
+                want,
+                "{state:?} {in_hand}"
+            );
+        }
     }
 }

@@ -6,7 +6,9 @@
 //! - [`receive`]: one link's loop: in-flight bound, inline or spawned deliveries, breaker.
 //! - [`settle`]: the one table outcome → disposition + label; batched accepts.
 //! - [`credit`]: link credit that follows the breaker.
+//! - [`catch`]: one message's panic kept to that message.
 
+pub mod catch;
 pub mod credit;
 pub mod link;
 pub mod receive;

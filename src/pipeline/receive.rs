@@ -1,7 +1,9 @@
 //! One link's receive loop: take messages up to `max_in_flight`, deliver each (inline at
 //! `max_in_flight` 1, else in its own task), settle each as it finishes, and keep link credit
-//! in step with the breaker. Ends on a stop signal or a link failure.
+//! in step with the breaker. A panic while handling one message settles that message
+//! (rejected, with the reason) and the loop goes on. Ends on a stop signal or a link failure.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use fe2o3_amqp::types::messaging::{Body, Message};
@@ -13,30 +15,20 @@ use crate::amqp::error::LinkError;
 use crate::amqp::link::Incoming;
 use crate::delivery::dispatcher::{DeliveryOutcome, Dispatcher};
 use crate::delivery::request::PushRequest;
+use crate::pipeline::catch::{CatchUnwind, catch};
 use crate::pipeline::credit::CreditFollower;
 use crate::pipeline::link::Link;
 use crate::pipeline::settle::{Finished, settle_finished, settle_one};
 use crate::shutdown::StopSignals;
 use crate::telemetry::EnrollmentTelemetry;
-use crate::telemetry::events::{BreakerChanged, InFlightChanged, Redelivered};
+use crate::telemetry::events::{BreakerChanged, InFlightChanged, InFlightCleared, Redelivered};
 
 /// Why one link's receive loop ended.
 #[derive(Debug)]
 pub enum LinkEnd {
     Stopped,
     Removed,
-    Failed(LinkFailure),
-}
-
-/// What broke a link.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkFailure {
-    #[error(transparent)]
-    Link(#[from] LinkError),
-    /// The task of one delivery failed; its delivery went down with it, and only a new link
-    /// returns the message.
-    #[error("a delivery task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
+    Failed(LinkError),
 }
 
 /// What the loop works with, borrowed from the worker.
@@ -44,7 +36,20 @@ pub struct LoopParts<'a> {
     pub dispatcher: &'a Arc<Dispatcher>,
     pub telemetry: &'a EnrollmentTelemetry,
     pub signals: &'a StopSignals,
+    /// The enrollment's credit while the breaker is closed.
     pub credit: u32,
+    /// The credit the link was attached with.
+    pub granted: u32,
+}
+
+/// A panicked delivery: the message is rejected, so the broker dead-letters it rather than
+/// redelivering it into the same panic.
+fn panicked(what: &str, reason: String) -> DeliveryOutcome {
+    tracing::error!(panic = %reason, "{what} panicked; rejecting the message");
+    DeliveryOutcome::Rejected {
+        reason: format!("{what} panicked: {reason}"),
+        message_id: None,
+    }
 }
 
 pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEnd {
@@ -53,50 +58,64 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
         telemetry,
         signals,
         credit,
+        granted,
     } = parts;
     let max_in_flight = dispatcher.policy().max_in_flight as usize;
-    let mut in_flight: JoinSet<Finished<L::Delivery>> = JoinSet::new();
+    let mut in_flight: JoinSet<DeliveryOutcome> = JoinSet::new();
+    // The delivery of each task, kept here so a task that panics or is aborted still leaves
+    // its delivery to settle.
+    let mut deliveries: HashMap<tokio::task::Id, L::Delivery> = HashMap::new();
     let mut breaker = dispatcher.breaker.subscribe();
-    let mut credit = CreditFollower::new(credit);
-    // A breaker that opened during an earlier link must not get fresh credit now.
-    if let Err(e) = credit.follow(link, dispatcher.breaker.state()).await {
-        return LinkEnd::Failed(e.into());
+    let mut credit = CreditFollower::new(credit, granted);
+    let state = dispatcher.breaker.state();
+    telemetry.emit_status(BreakerChanged(state));
+    if let Err(e) = credit.follow(link, state, 0).await {
+        return LinkEnd::Failed(e);
     }
-    telemetry.emit_status(BreakerChanged(dispatcher.breaker.state()));
     let end = loop {
-        // Only cancel-safe futures here: `cancelled`, `join_next`, `changed` and `recv`
-        // (fe2o3-amqp #22). The POSTs run in their own tasks, or inline below.
+        let half_opens_at = dispatcher.breaker.half_opens_at();
+        // Only cancel-safe futures here: `cancelled`, `join_next_with_id`, `changed`, `sleep`
+        // and `recv` (fe2o3-amqp #22). The POSTs run in their own tasks, or inline below.
         tokio::select! {
             biased;
             _ = signals.stop.cancelled() => {
                 break if signals.remove.is_cancelled() { LinkEnd::Removed } else { LinkEnd::Stopped };
             }
-            Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
+            Some(joined) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
                 // POSTs that finished meanwhile are settled with it, their accepts batched.
-                let mut finished = Vec::with_capacity(1);
-                let mut failed = None;
-                for joined in std::iter::once(joined).chain(std::iter::from_fn(|| in_flight.try_join_next())) {
-                    match joined {
-                        Ok(done) => finished.push(done),
-                        Err(e) => {
-                            telemetry.emit(InFlightChanged(-1));
-                            failed = Some(e);
-                        }
+                let mut finished: Vec<Finished<L::Delivery>> = Vec::with_capacity(1);
+                let mut next = Some(joined);
+                while let Some(joined) = next {
+                    let (id, outcome) = match joined {
+                        Ok((id, outcome)) => (id, outcome),
+                        Err(e) if e.is_panic() => (e.id(), panicked("delivery", super::catch::panic_message(e.into_panic()))),
+                        Err(e) => (e.id(), DeliveryOutcome::HandedBack),
+                    };
+                    if let Some(delivery) = deliveries.remove(&id) {
+                        finished.push((delivery, outcome));
                     }
+                    next = in_flight.try_join_next_with_id();
                 }
                 if let Err(e) = settle_finished(link, telemetry, finished).await {
-                    break LinkEnd::Failed(e.into());
+                    break LinkEnd::Failed(e);
                 }
-                if let Some(e) = failed {
-                    break LinkEnd::Failed(e.into());
+                // A half-open breaker grants its probe credit once the hand is empty.
+                let state = *breaker.borrow();
+                if let Err(e) = credit.follow(link, state, in_flight.len()).await {
+                    break LinkEnd::Failed(e);
                 }
             }
             Ok(()) = breaker.changed() => {
                 let state = *breaker.borrow_and_update();
                 telemetry.emit_status(BreakerChanged(state));
-                if let Err(e) = credit.follow(link, state).await {
-                    break LinkEnd::Failed(e.into());
+                if let Err(e) = credit.follow(link, state, in_flight.len()).await {
+                    break LinkEnd::Failed(e);
                 }
+            }
+            _ = sleep_until(half_opens_at), if half_opens_at.is_some() => {
+                // The breaker's own timer: it turns half-open even with nothing in hand to
+                // ask, and the change above then grants the probe its credit.
+                dispatcher.breaker.half_open_if_due();
             }
             received = link.recv(), if in_flight.len() < max_in_flight => {
                 let (delivery, message) = match received {
@@ -109,20 +128,29 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                             message_id: None,
                         };
                         if let Err(e) = settle_one(link, telemetry, delivery, outcome).await {
-                            break LinkEnd::Failed(e.into());
+                            break LinkEnd::Failed(e);
                         }
                         continue;
                     }
-                    Err(e) => break LinkEnd::Failed(e.into()),
+                    Err(e) => break LinkEnd::Failed(e),
                 };
-                let request = request_for(dispatcher, telemetry, &message);
-                drop(message);
                 telemetry.emit(InFlightChanged(1));
+                let request = match catch(|| request_for(dispatcher, telemetry, &message)) {
+                    Ok(request) => request,
+                    Err(reason) => {
+                        let outcome = panicked("mapping the message", reason);
+                        if let Err(e) = settle_one(link, telemetry, delivery, outcome).await {
+                            break LinkEnd::Failed(e);
+                        }
+                        continue;
+                    }
+                };
+                drop(message);
                 if max_in_flight == 1 {
                     // One at a time: deliver on this task and save a spawn and a cross-thread
                     // wake-up per message. The breaker is still followed meanwhile.
-                    let delivering = dispatcher.deliver(&request, signals);
-                    tokio::pin!(delivering);
+                    let delivering = std::pin::pin!(dispatcher.deliver(&request, signals));
+                    let mut delivering = CatchUnwind(delivering);
                     let mut credit_error = None;
                     let outcome = loop {
                         tokio::select! {
@@ -130,50 +158,67 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                             Ok(()) = breaker.changed(), if credit_error.is_none() => {
                                 let state = *breaker.borrow_and_update();
                                 telemetry.emit_status(BreakerChanged(state));
-                                credit_error = credit.follow(link, state).await.err();
+                                credit_error = credit.follow(link, state, 1).await.err();
                             }
                         }
                     };
+                    let outcome = outcome.unwrap_or_else(|reason| panicked("delivery", reason));
                     if let Err(e) = settle_one(link, telemetry, delivery, outcome).await {
-                        break LinkEnd::Failed(e.into());
+                        break LinkEnd::Failed(e);
                     }
                     if let Some(e) = credit_error {
-                        break LinkEnd::Failed(e.into());
+                        break LinkEnd::Failed(e);
+                    }
+                    let state = *breaker.borrow();
+                    if let Err(e) = credit.follow(link, state, 0).await {
+                        break LinkEnd::Failed(e);
                     }
                     continue;
                 }
                 let dispatcher = Arc::clone(dispatcher);
                 let signals = signals.clone();
-                in_flight.spawn(
-                    async move {
-                        let outcome = dispatcher.deliver(&request, &signals).await;
-                        (delivery, outcome)
-                    }
-                    // Keeps the enrollment id and queue on the delivery's log lines.
-                    .instrument(tracing::Span::current()),
+                let task = in_flight.spawn(
+                    async move { dispatcher.deliver(&request, &signals).await }
+                        // Keeps the enrollment id and queue on the delivery's log lines.
+                        .instrument(tracing::Span::current()),
                 );
+                deliveries.insert(task.id(), delivery);
             }
         }
     };
     // Stopping: deliveries waiting on a retry or the breaker hand back at once; POSTs under
-    // way finish (shutdown) or are abandoned (removal); each is settled before the link goes.
-    // After a link failure the settlements cannot reach the broker, which takes the messages
-    // back with the connection, so the tasks are aborted.
+    // way finish (shutdown) or are abandoned (removal, the shutdown deadline); each is settled
+    // before the link goes. After a link failure the settlements cannot reach the broker,
+    // which takes the messages back with the link, so the tasks are aborted.
     let link_failed = matches!(end, LinkEnd::Failed(_));
     if link_failed {
         in_flight.abort_all();
     }
-    while let Some(joined) = in_flight.join_next().await {
-        match joined {
-            Ok((delivery, outcome)) if !link_failed => {
-                if let Err(e) = settle_one(link, telemetry, delivery, outcome).await {
-                    tracing::debug!(error = %e, "settling while stopping failed");
-                }
-            }
-            _ => telemetry.emit(InFlightChanged(-1)),
+    while let Some(joined) = in_flight.join_next_with_id().await {
+        let (id, outcome) = match joined {
+            Ok((id, outcome)) => (id, outcome),
+            Err(e) => (e.id(), DeliveryOutcome::HandedBack),
+        };
+        let Some(delivery) = deliveries.remove(&id) else {
+            continue;
+        };
+        if link_failed {
+            continue;
+        }
+        if let Err(e) = settle_one(link, telemetry, delivery, outcome).await {
+            tracing::debug!(error = %e, "settling while stopping failed");
         }
     }
+    // Whatever was not settled went back to the broker with the link.
+    telemetry.emit(InFlightCleared);
     end
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The POST for one message; counts a redelivery on the way.
@@ -182,9 +227,9 @@ fn request_for(
     telemetry: &EnrollmentTelemetry,
     message: &Message<Body<Value>>,
 ) -> PushRequest {
-    let header = message.header.as_ref();
-    let delivery_count = header.map_or(0, |h| h.delivery_count);
-    if delivery_count > 0 || header.is_some_and(|h| !h.first_acquirer) {
+    let delivery_count = message.header.as_ref().map_or(0, |h| h.delivery_count);
+    // Only the count says "delivered before": brokers leave `first-acquirer` out (false).
+    if delivery_count > 0 {
         telemetry.emit(Redelivered);
     }
     PushRequest::from_message(message, dispatcher.enrollment_header(), delivery_count)

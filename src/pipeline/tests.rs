@@ -11,7 +11,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::json;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::amqp::outcome::Disposition;
 use crate::backoff::BackoffSettings;
@@ -22,7 +21,7 @@ use crate::enrollment::record::{Enrollment, SubscriptionArgs};
 use crate::enrollment::settings::DeliverySettings;
 use crate::enrollment::status::{BreakerState, WorkerState};
 use crate::pipeline::fake::{Call, FakeBroker, FakeOpener, settlements};
-use crate::pipeline::worker::{WorkerContext, run};
+use crate::pipeline::worker::{WorkerContext, WorkerEnd, run};
 use crate::shutdown::StopSignals;
 use crate::telemetry::metrics::Metrics;
 
@@ -106,18 +105,20 @@ struct Worker {
     broker: FakeBroker,
     live: Arc<LiveEnrollment>,
     signals: StopSignals,
-    task: JoinHandle<()>,
+    task: JoinHandle<WorkerEnd>,
 }
 
 async fn start(target: &Target, outcome: FailureOutcome, delivery: serde_json::Value) -> Worker {
     let url = serve(target.clone()).await;
     let broker = FakeBroker::new(outcome);
     let live = live(&url, delivery);
-    let signals = StopSignals {
-        stop: CancellationToken::new(),
-        remove: CancellationToken::new(),
-    };
-    let task = tokio::spawn(run(context(&broker), Arc::clone(&live), signals.clone()));
+    let signals = StopSignals::default();
+    let task = tokio::spawn(run(
+        context(&broker),
+        Arc::clone(&live),
+        signals.clone(),
+        live.status.next_generation(),
+    ));
     Worker {
         broker,
         live,
@@ -251,6 +252,7 @@ async fn stopping_detaches_and_removal_closes() {
     w.broker.push("ok");
     w.settled(1).await;
     w.signals.remove.cancel();
+    w.signals.abandon.cancel();
     w.signals.stop.cancel();
     let calls = w.end().await;
     assert!(
@@ -288,6 +290,7 @@ async fn shutdown_lets_a_post_finish_and_removal_hands_it_back() {
         .wait_for(WAIT, |_| target.running.load(Ordering::SeqCst) == 1)
         .await;
     w.signals.remove.cancel();
+    w.signals.abandon.cancel();
     w.signals.stop.cancel();
     let live = Arc::clone(&w.live);
     let calls = w.end().await;
@@ -337,11 +340,13 @@ async fn opening_failures_back_off_and_retry() {
     let broker = FakeBroker::new(FailureOutcome::Modified);
     broker.fail_opens(3);
     let live = live(&url, json!({}));
-    let signals = StopSignals {
-        stop: CancellationToken::new(),
-        remove: CancellationToken::new(),
-    };
-    let task = tokio::spawn(run(context(&broker), Arc::clone(&live), signals.clone()));
+    let signals = StopSignals::default();
+    let task = tokio::spawn(run(
+        context(&broker),
+        Arc::clone(&live),
+        signals.clone(),
+        live.status.next_generation(),
+    ));
     broker.push("ok");
     let calls = broker.wait_for(WAIT, |c| !settlements(c).is_empty()).await;
     assert_eq!(

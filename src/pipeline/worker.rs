@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::backoff::{Backoff, BackoffSettings};
 use crate::delivery::dispatcher::Dispatcher;
 use crate::enrollment::live::LiveEnrollment;
+use crate::pipeline::credit::CreditFollower;
 use crate::pipeline::link::{Link, LinkOpener};
 use crate::pipeline::receive::{LinkEnd, LoopParts, receive_loop};
 use crate::shutdown::StopSignals;
@@ -41,16 +42,31 @@ impl<O> Clone for WorkerContext<O> {
 /// shorter life (the broker accepts the attach and then ends the session) keeps backing off.
 const HEALTHY_LINK_AGE: Duration = Duration::from_secs(10);
 
+/// How a worker ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerEnd {
+    /// Stopped or paused: the link, if any, was detached.
+    Stopped,
+    /// Removed: the link was closed (`closed=true`), or there was nothing to close.
+    Closed,
+    /// Removed, but no link could be opened to close the subscription: why.
+    CloseFailed(String),
+}
+
+/// Runs one enrollment's worker until it is stopped or removed. `generation` is the number
+/// the supervisor gave this start (see [`crate::enrollment::status::EnrollmentStatus::generation`]).
 pub async fn run<O: LinkOpener>(
     ctx: WorkerContext<O>,
     live: Arc<LiveEnrollment>,
     signals: StopSignals,
-) {
+    generation: u64,
+) -> WorkerEnd {
     let enrollment = &live.enrollment;
     let telemetry = Arc::new(EnrollmentTelemetry::new(
         enrollment.id,
         Arc::clone(&live.status),
         &ctx.metrics,
+        generation,
     ));
     let dispatcher = match Dispatcher::new(ctx.http.clone(), &live, Arc::clone(&telemetry)) {
         Ok(d) => Arc::new(d),
@@ -59,7 +75,11 @@ pub async fn run<O: LinkOpener>(
             telemetry.emit_status(WorkerRefused {
                 reason: &format!("target_url does not parse: {e}"),
             });
-            return;
+            return if signals.remove.is_cancelled() {
+                close_without_link(&ctx, enrollment).await
+            } else {
+                WorkerEnd::Stopped
+            };
         }
     };
     let max_in_flight = dispatcher.policy().max_in_flight;
@@ -70,21 +90,30 @@ pub async fn run<O: LinkOpener>(
         .unwrap_or(ctx.default_prefetch)
         .max(max_in_flight);
     let mut backoff = Backoff::new(ctx.reconnect);
-    loop {
+    let end = loop {
         telemetry.emit_status(Connecting);
+        // A breaker that opened during an earlier link must not get fresh credit now: the
+        // link attaches with the credit the breaker allows (none while open, one to probe).
+        let granted = CreditFollower::wanted(credit, dispatcher.breaker.state(), 0);
         // Not raced against the stop signal: dropping a half-open connection would leave it
         // to linger on the broker. Opening is bounded by AMQP_CONNECT_TIMEOUT_MS, and a link
         // that comes up after the signal is closed again at once.
-        let opened = ctx.opener.open(enrollment, credit).await;
+        let opened = ctx.opener.open(enrollment, granted).await;
         if signals.stop.is_cancelled() {
-            if let Ok(link) = opened {
-                if signals.remove.is_cancelled() {
+            break match opened {
+                Ok(link) if signals.remove.is_cancelled() => {
                     link.close().await;
-                } else {
-                    link.detach().await;
+                    WorkerEnd::Closed
                 }
-            }
-            break;
+                Ok(link) => {
+                    link.detach().await;
+                    WorkerEnd::Stopped
+                }
+                Err(_) if signals.remove.is_cancelled() => {
+                    close_without_link(&ctx, enrollment).await
+                }
+                Err(_) => WorkerEnd::Stopped,
+            };
         }
         let failure = match opened {
             Ok(mut link) => {
@@ -99,15 +128,16 @@ pub async fn run<O: LinkOpener>(
                     telemetry: &telemetry,
                     signals: &signals,
                     credit,
+                    granted,
                 };
                 match receive_loop(parts, &mut link).await {
                     LinkEnd::Stopped => {
                         link.detach().await;
-                        break;
+                        break WorkerEnd::Stopped;
                     }
                     LinkEnd::Removed => {
                         link.close().await;
-                        break;
+                        break WorkerEnd::Closed;
                     }
                     LinkEnd::Failed(e) => {
                         link.abandon().await;
@@ -127,11 +157,39 @@ pub async fn run<O: LinkOpener>(
         });
         tokio::select! {
             biased;
-            _ = signals.stop.cancelled() => break,
+            _ = signals.stop.cancelled() => {
+                break if signals.remove.is_cancelled() {
+                    close_without_link(&ctx, enrollment).await
+                } else {
+                    WorkerEnd::Stopped
+                };
+            }
             _ = tokio::time::sleep(delay) => {}
         }
-    }
+    };
     telemetry.emit_status(WorkerStopped {
         paused: live.status.paused(),
     });
+    end
+}
+
+/// Closes an enrollment's subscription when no link is up (DELETE while backing off, paused
+/// or refused): attach with no credit, then close. Without it a durable subscription would be
+/// left on the broker collecting messages forever. Only a durable source leaves anything
+/// behind to close.
+pub async fn close_without_link<O: LinkOpener>(
+    ctx: &WorkerContext<O>,
+    enrollment: &crate::enrollment::record::Enrollment,
+) -> WorkerEnd {
+    if enrollment.subscription_args.durable != Some(true) {
+        return WorkerEnd::Closed;
+    }
+    match ctx.opener.open(enrollment, 0).await {
+        Ok(link) => {
+            link.close().await;
+            tracing::info!("closed the durable subscription of a deleted enrollment");
+            WorkerEnd::Closed
+        }
+        Err(e) => WorkerEnd::CloseFailed(e.to_string()),
+    }
 }

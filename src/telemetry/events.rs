@@ -26,13 +26,21 @@ pub trait MessageEvent {
 pub struct EnrollmentTelemetry {
     status: Arc<EnrollmentStatus>,
     metrics: EnrollmentMetrics,
+    /// The worker generation these events come from (see [`EnrollmentStatus::generation`]).
+    generation: u64,
 }
 
 impl EnrollmentTelemetry {
-    pub fn new(id: Uuid, status: Arc<EnrollmentStatus>, metrics: &Metrics) -> Self {
+    pub fn new(
+        id: Uuid,
+        status: Arc<EnrollmentStatus>,
+        metrics: &Metrics,
+        generation: u64,
+    ) -> Self {
         Self {
             status,
             metrics: metrics.for_enrollment(id),
+            generation,
         }
     }
 
@@ -40,8 +48,12 @@ impl EnrollmentTelemetry {
         event.emit(self);
     }
 
+    /// Applies a worker-life event, unless a newer worker has started since this one: a
+    /// stopped worker finishing late must not overwrite its successor's state.
     pub fn emit_status(&self, event: impl StatusEvent) {
-        event.emit(&self.status);
+        if self.status.generation() == self.generation {
+            event.emit(&self.status);
+        }
     }
 
     /// Read access for decisions (the breaker state the worker last saw, the failure outcome).
@@ -187,6 +199,42 @@ impl MessageEvent for InFlightChanged {
     fn emit(self, to: &EnrollmentTelemetry) {
         to.status.add_in_flight(self.0);
         to.metrics.shared().in_flight(self.0);
+    }
+}
+
+/// The link ended: whatever it held in hand went back to the broker with it.
+pub struct InFlightCleared;
+
+impl MessageEvent for InFlightCleared {
+    fn emit(self, to: &EnrollmentTelemetry) {
+        let was = to.status.clear_in_flight();
+        to.metrics.shared().in_flight(-(was as i64));
+    }
+}
+
+/// A message is held in hand because the target is unavailable; its attempts are not counted.
+pub struct HoldStarted<'a> {
+    pub message_id: &'a str,
+    pub reason: &'a str,
+}
+
+impl MessageEvent for HoldStarted<'_> {
+    fn emit(self, to: &EnrollmentTelemetry) {
+        to.status.record_hold(self.reason);
+        tracing::info!(
+            message_id = self.message_id,
+            reason = self.reason,
+            "target unavailable; holding the message"
+        );
+    }
+}
+
+/// A held message left hand (settled, handed back, or its link ended).
+pub struct HoldEnded;
+
+impl MessageEvent for HoldEnded {
+    fn emit(self, to: &EnrollmentTelemetry) {
+        to.status.release_hold();
     }
 }
 

@@ -592,7 +592,10 @@ async fn dropping_a_receiver_then_ending_the_session() -> anyhow::Result<()> {
             .collect();
         println!("after drop + end: {tail:#?}");
         let detach = frames.iter().find_map(|f| f.as_detach()).expect("a detach");
-        assert!(!detach.closed, "drop sends detach{{closed: false}} (patched fe2o3)");
+        assert!(
+            !detach.closed,
+            "drop sends detach{{closed: false}} (patched fe2o3)"
+        );
         assert_eq!(tail.len(), 2, "one detach, then the end");
         assert_eq!(peer.queued("q"), 1, "the unsettled delivery went back");
         connection.close().await?;
