@@ -16,7 +16,8 @@ async fn enroll_handing_back_at_once(api: &Api, queue: &str, target: &str) -> St
         .enroll(json!({
             "queue": address(queue),
             "target_url": target,
-            "delivery": {"retry": {"max_attempts": 1}, "circuit_breaker": {"failure_threshold": 0}}
+            "delivery": {"retry": {"max_attempts": 1}, "circuit_breaker": {"failure_threshold": 0},
+                         "max_hold_ms": 0}
         }))
         .await;
     e["id"].as_str().expect("id").to_string()

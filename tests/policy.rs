@@ -72,7 +72,8 @@ async fn retries_use_the_configured_backoff_then_the_broker_dead_letters() {
     let limit = 2;
     let dlq = mgmt.declare_with_dead_letter(&queue, limit).await;
     let target = Target::start().await;
-    target.set_status(503);
+    // An error answer (500): every attempt counts. (503 would hold the message instead.)
+    target.set_status(500);
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
     let id = enroll_with(

@@ -11,6 +11,7 @@ use crate::api::error::ErrorBody;
 use crate::api::state::AppState;
 use crate::api::views::EnrollmentStats;
 use crate::enrollment::status::WorkerState;
+use crate::fleet::closer::PendingClose;
 
 const DASHBOARD_HTML: &str = include_str!("../dashboard/index.html");
 const DOCS_HTML: &str = include_str!("../dashboard/docs.html");
@@ -110,6 +111,8 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 pub struct Stats {
     enrollments: Vec<EnrollmentStats>,
     totals: Totals,
+    /// Deleted enrollments whose durable subscription could not be closed yet (retried).
+    pending_closes: Vec<PendingClose>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -139,6 +142,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Stats> {
     Json(Stats {
         enrollments,
         totals,
+        pending_closes: state.supervisor.pending_closes(),
     })
 }
 

@@ -56,6 +56,9 @@ pub struct EnrollmentStats {
     pub dead_lettered: u64,
     pub dropped: u64,
     pub in_flight: u64,
+    /// Messages held in hand because the target is unavailable, and why.
+    pub held: u64,
+    pub held_reason: Option<String>,
     pub last_error: Option<String>,
     pub last_error_at: Option<String>,
     pub last_success_at: Option<String>,
@@ -82,6 +85,8 @@ impl From<&LiveEnrollment> for EnrollmentStats {
             dead_lettered: s.rejected,
             dropped: s.dropped,
             in_flight: s.in_flight,
+            held: s.held,
+            held_reason: s.held_reason,
             last_error: s.last_error,
             last_error_at: s.last_error_at,
             last_success_at: s.last_success_at,

@@ -39,7 +39,7 @@ pub struct DeliverySettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unavailable_on: Option<Vec<StatusPattern>>,
     /// How long a message may be held while the target is unavailable before it is handed
-    /// back with the failure outcome; absent: no limit.
+    /// back with the failure outcome; absent: no limit; 0: never held, handed back at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_hold_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -171,11 +171,11 @@ impl DeliverySettings {
             );
         }
         if let Some(ms) = self.max_hold_ms
-            && !(1..=MAX_HOLD_MS).contains(&ms)
+            && ms > MAX_HOLD_MS
         {
             return invalid(
                 "max_hold_ms",
-                &format!("must be from 1 to {MAX_HOLD_MS} (7 days)"),
+                &format!("must be from 0 (never hold) to {MAX_HOLD_MS} (7 days)"),
             );
         }
         if self.timeout_ms == Some(0) {

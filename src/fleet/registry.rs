@@ -178,31 +178,40 @@ impl<O: LinkOpener> Registry<O> {
         id: Uuid,
         paused: bool,
     ) -> Result<Option<Arc<LiveEnrollment>>, StoreError> {
-        let _writes = self.inner.writes.lock().await;
-        let Some(entry) = self.get(id) else {
-            return Ok(None);
+        let (entry, stopping) = {
+            let _writes = self.inner.writes.lock().await;
+            let Some(entry) = self.get(id) else {
+                return Ok(None);
+            };
+            if entry.status.paused() == paused {
+                return Ok(Some(entry));
+            }
+            self.inner.store.set_paused(id, paused).await?;
+            entry.status.set_paused(paused);
+            let stopping = if paused {
+                tracing::info!(enrollment_id = %id, "paused");
+                Some(self.inner.supervisor.stop(id))
+            } else {
+                match check_target(&self.inner.allowlist, &entry.enrollment.target_url) {
+                    Ok(()) => {
+                        Connecting.emit(&entry.status);
+                        self.inner.supervisor.start(Arc::clone(&entry));
+                    }
+                    Err(reason) => WorkerRefused { reason: &reason }.emit(&entry.status),
+                }
+                tracing::info!(enrollment_id = %id, "resumed");
+                None
+            };
+            (entry, stopping)
         };
-        if entry.status.paused() == paused {
-            return Ok(Some(entry));
-        }
-        self.inner.store.set_paused(id, paused).await?;
-        entry.status.set_paused(paused);
-        if paused {
-            let exit = self.inner.supervisor.stop(id);
-            if !exit.wait(PAUSE_WAIT).await {
+        // Waited for outside the lock: other changes need not queue behind a slow POST. The
+        // worker reports `paused` itself when it ends; one that was not running is paused now.
+        if let Some(exit) = stopping {
+            if !exit.had_worker() {
+                WorkerStopped { paused: true }.emit(&entry.status);
+            } else if !exit.wait(PAUSE_WAIT).await {
                 tracing::warn!(enrollment_id = %id, "worker still finishing after pause answered");
             }
-            WorkerStopped { paused: true }.emit(&entry.status);
-            tracing::info!(enrollment_id = %id, "paused");
-        } else {
-            match check_target(&self.inner.allowlist, &entry.enrollment.target_url) {
-                Ok(()) => {
-                    Connecting.emit(&entry.status);
-                    self.inner.supervisor.start(Arc::clone(&entry));
-                }
-                Err(reason) => WorkerRefused { reason: &reason }.emit(&entry.status),
-            }
-            tracing::info!(enrollment_id = %id, "resumed");
         }
         Ok(Some(entry))
     }
@@ -215,8 +224,14 @@ impl<O: LinkOpener> Registry<O> {
             return Ok(None);
         }
         self.inner.store.delete(id).await?;
-        self.write_map(|m| m.remove(&id));
+        let removed = self.write_map(|m| m.remove(&id));
         let exit = self.inner.supervisor.remove(id);
+        if !exit.had_worker()
+            && let Some(entry) = removed
+        {
+            // Paused or refused: no worker to close the subscription, so one is closed here.
+            self.inner.supervisor.close_subscription(entry);
+        }
         tracing::info!(enrollment_id = %id, "deleted enrollment");
         Ok(Some(exit))
     }

@@ -62,6 +62,11 @@ pub struct WorkerExit {
 }
 
 impl WorkerExit {
+    /// Whether a worker was running to be stopped.
+    pub fn had_worker(&self) -> bool {
+        self.finished.is_some()
+    }
+
     /// Waits up to `limit` for the worker to exit; `true` if it did.
     pub async fn wait(self, limit: Duration) -> bool {
         match self.finished {

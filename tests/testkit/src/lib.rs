@@ -13,6 +13,7 @@
 //! - [`parallel`]: many calls at once, at most N at a time.
 //! - [`peer`]: an in-memory AMQP 1.0 peer that plays the broker over `tokio::io::duplex` (or
 //!   loopback TCP), records every frame a client sends and stages faults on demand.
+//! - [`proxy`]: a TCP proxy in front of the broker whose connections a test can cut.
 //! - [`publisher`]: an fe2o3-amqp sender per queue on one connection, every message confirmed.
 //! - [`target`]: HTTP targets: one that records or counts what it receives, one that never
 //!   answers.
@@ -23,6 +24,7 @@ pub mod daemon;
 pub mod management;
 pub mod parallel;
 pub mod peer;
+pub mod proxy;
 pub mod publisher;
 pub mod target;
 pub mod wait;
