@@ -56,7 +56,9 @@ async fn a_poison_message_is_dead_lettered_and_the_messages_behind_it_flow() {
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("before", 0..3).await;
     publisher
-        .send(fe2o3_amqp::types::messaging::Message::from("poison".to_string()))
+        .send(fe2o3_amqp::types::messaging::Message::from(
+            "poison".to_string(),
+        ))
         .await;
     publisher.send_numbered("after", 0..20).await;
 
@@ -186,10 +188,14 @@ async fn a_breaker_open_across_a_reconnect_recovers_with_messages_in_hand() {
     })
     .await;
 
-    wait_for("the 3 messages in hand", Duration::from_secs(20), || async {
-        let e = daemon.api.enrollment(&id).await;
-        (e["held"] == 3).then_some(())
-    })
+    wait_for(
+        "the 3 messages in hand",
+        Duration::from_secs(20),
+        || async {
+            let e = daemon.api.enrollment(&id).await;
+            (e["held"] == 3).then_some(())
+        },
+    )
     .await;
     // Drop the daemon's broker connection: the link goes with the 3 messages in hand.
     proxy.cut();

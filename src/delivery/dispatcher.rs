@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::header::{HeaderMap, HeaderValue};
 use url::Url;
-use uuid::Uuid;
 
 use crate::delivery::breaker::{CircuitBreaker, Health};
 use crate::delivery::post::{PostResult, age_since, post};
@@ -17,6 +16,7 @@ use crate::delivery::signing;
 use crate::delivery::verdict::{Verdict, verdict};
 use crate::enrollment::live::LiveEnrollment;
 use crate::enrollment::policy::DeliveryPolicy;
+use crate::enrollment::settings::{MAX_RATE_PER_SEC, MIN_RATE_PER_SEC};
 use crate::enrollment::status::BreakerState;
 use crate::shutdown::StopSignals;
 use crate::telemetry::events::{
@@ -71,9 +71,15 @@ impl Dispatcher {
         telemetry: Arc<EnrollmentTelemetry>,
     ) -> Result<Self, url::ParseError> {
         let policy = live.policy.clone();
-        let limiter = policy.rate_limit_per_sec.and_then(|rate| {
-            Quota::with_period(Duration::from_secs_f64(1.0 / rate)).map(RateLimiter::direct)
-        });
+        let limiter = policy
+            .rate_limit_per_sec
+            .filter(|rate| rate.is_finite())
+            // Stored enrollments are not re-validated on load: clamp, so no stored rate can
+            // overflow the quota (governor panics on periods over ~584 years).
+            .map(|rate| rate.clamp(MIN_RATE_PER_SEC, MAX_RATE_PER_SEC))
+            .and_then(|rate| Duration::try_from_secs_f64(1.0 / rate).ok())
+            .and_then(Quota::with_period)
+            .map(RateLimiter::direct);
         let target_url = Url::parse(&live.enrollment.target_url)?;
         let enrollment_header = HeaderValue::from_str(&live.enrollment.id.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static(""));
@@ -123,11 +129,8 @@ impl Dispatcher {
     ///   breaker's probes until the target is back (or `max_hold_ms` has passed);
     /// - stopping hands it back at once, removal abandons a POST under way.
     pub async fn deliver(&self, request: &PushRequest, signals: &StopSignals) -> DeliveryOutcome {
-        // Stable across attempts so a receiver can de-duplicate on it.
-        let webhook_id = request
-            .message_id
-            .clone()
-            .unwrap_or_else(|| format!("msg_{}", Uuid::new_v4().simple()));
+        // The same on every attempt and every redelivery, so a receiver can de-duplicate on it.
+        let webhook_id = &request.webhook_id;
         let message_id = request.message_id.as_deref().unwrap_or("");
         let failed = |reason: String| DeliveryOutcome::Failed {
             reason,
@@ -148,7 +151,7 @@ impl Dispatcher {
                     _ = limiter.until_ready() => {}
                 }
             }
-            let headers = self.headers_for(request, &webhook_id);
+            let headers = self.headers_for(request, webhook_id);
             // Stopping lets a POST finish; removal and the shutdown deadline abandon it.
             let result = tokio::select! {
                 biased;

@@ -46,7 +46,7 @@ pub async fn post(
     timeout: Duration,
 ) -> PostResult {
     let mut headers = request.headers.clone();
-    headers.extend(extra_headers);
+    merge(&mut headers, extra_headers);
     let sent = client
         .post(target_url.clone())
         .headers(headers)
@@ -76,15 +76,42 @@ pub async fn post(
     }
 }
 
-/// Time since an epoch-milliseconds instant; `None` for one in the future (clock skew).
+/// Time since an epoch-milliseconds instant; `None` for one in the future (clock skew) or
+/// one no clock could mean.
 pub fn age_since(created_ms: i64) -> Option<Duration> {
-    let now_ms = std::time::SystemTime::now()
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_millis() as i64;
-    u64::try_from(now_ms - created_ms)
-        .ok()
-        .map(Duration::from_millis)
+        .ok()?;
+    age_at(i64::try_from(now.as_millis()).ok()?, created_ms)
+}
+
+/// `now_ms - created_ms`. The creation-time is the publisher's word: anything before the
+/// epoch is taken as no creation-time, and the checked subtraction covers the rest.
+fn age_at(now_ms: i64, created_ms: i64) -> Option<Duration> {
+    if created_ms < 0 {
+        return None;
+    }
+    let age = now_ms.checked_sub(created_ms)?;
+    u64::try_from(age).ok().map(Duration::from_millis)
+}
+
+/// Adds `extra` to `headers`, each of its names replacing that name's values (as
+/// `HeaderMap::extend` does), without `extend`'s panic should the map be full: the mapping
+/// bounds the message's headers and enrollment validation the static ones, so a header left
+/// out here only means one of those bounds was lifted.
+fn merge(headers: &mut HeaderMap, extra: HeaderMap) {
+    let mut current = None;
+    for (name, value) in extra {
+        if let Some(name) = name {
+            headers.remove(&name);
+            current = Some(name);
+        }
+        if let Some(name) = &current
+            && headers.try_append(name, value).is_err()
+        {
+            tracing::warn!(header = %name, "request headers full; header left out");
+        }
+    }
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date.
@@ -109,4 +136,44 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn absurd_creation_times_have_no_age() {
+        let now = 1_700_000_000_000;
+        assert_eq!(age_at(now, now - 1500), Some(Duration::from_millis(1500)));
+        assert_eq!(age_at(now, now + 1), None, "in the future");
+        assert_eq!(age_at(now, i64::MAX), None);
+        assert_eq!(age_at(now, i64::MIN), None);
+        assert_eq!(age_at(now, -1), None);
+        assert_eq!(
+            age_at(i64::MAX, 0),
+            Some(Duration::from_millis(i64::MAX as u64))
+        );
+        assert_eq!(age_since(i64::MIN), None);
+        assert_eq!(age_since(i64::MAX), None);
+        assert!(age_since(0).is_some());
+    }
+
+    #[test]
+    fn merged_names_replace_and_repeat() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-a", HeaderValue::from_static("old"));
+        headers.append("x-a", HeaderValue::from_static("older"));
+        headers.append("x-keep", HeaderValue::from_static("k"));
+        let mut extra = HeaderMap::new();
+        extra.append("x-a", HeaderValue::from_static("new1"));
+        extra.append("x-a", HeaderValue::from_static("new2"));
+        extra.append("x-b", HeaderValue::from_static("b"));
+        merge(&mut headers, extra);
+        let a: Vec<_> = headers.get_all("x-a").iter().collect();
+        assert_eq!(a, ["new1", "new2"]);
+        assert_eq!(headers["x-b"], "b");
+        assert_eq!(headers["x-keep"], "k");
+    }
 }

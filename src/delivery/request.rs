@@ -1,19 +1,44 @@
 //! One AMQP message as the POST it becomes: body by section kind, `Content-Type`, and the
 //! message's properties as `amqp-*` headers. A pure mapping, benchmarked on its own.
+//!
+//! The message is input from anyone who can publish to the queue, so every step here is
+//! bounded: a mapping that panicked or overflowed the stack would do so again on each
+//! redelivery, and burn the healthy messages behind it into the dead-letter queue.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use fe2o3_amqp::types::messaging::{Body, Message, MessageId};
+use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Message, MessageId};
 use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use uuid::Uuid;
+
+use crate::delivery::signing;
 
 /// Prefix of the headers that carry the AMQP properties; application properties get
 /// [`APP_PROPERTY_PREFIX`] followed by the property name in lower case.
 pub const HEADER_PREFIX: &str = "amqp-";
 pub const APP_PROPERTY_PREFIX: &str = "amqp-app-";
 pub const ENROLLMENT_HEADER: &str = "hot-potato-enrollment-id";
+/// The number of application properties that were not sent as headers, present only when
+/// some were not. Outside `amqp-app-` so no property name can collide with it.
+pub const SKIPPED_PROPERTIES_HEADER: &str = "hot-potato-skipped-properties";
+
+/// At most this many application properties become headers. Common HTTP servers refuse a
+/// request with more than 100 header lines (hyper, Apache httpd); 64 leaves room for the
+/// `amqp-*`, signing, static and transport headers. Past 32,768 headers `http::HeaderMap`
+/// itself panics.
+pub const MAX_PROPERTY_HEADERS: usize = 64;
+/// At most this many bytes of names and values of the property headers together: Node.js
+/// refuses more than 16 KiB of headers in all, Apache httpd a line over 8 KiB.
+pub const MAX_PROPERTY_HEADER_BYTES: usize = 8 * 1024;
+
+/// Lists, arrays, maps and described values nested deeper than this in a JSON body are
+/// replaced by [`TOO_DEEP`]: the mapping recurses once per level, and its stack is the
+/// worker's.
+pub const MAX_JSON_DEPTH: usize = 64;
+/// What stands in for a value nested deeper than [`MAX_JSON_DEPTH`].
+pub const TOO_DEEP: &str = "<nested deeper than 64 levels>";
 
 const OCTET_STREAM: &str = "application/octet-stream";
 const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
@@ -28,6 +53,14 @@ pub struct PushRequest {
     pub message_id: Option<String>,
     /// The message's creation-time (epoch ms), for the end-to-end age metric.
     pub created_at_ms: Option<i64>,
+    /// Application properties not sent as headers: over [`MAX_PROPERTY_HEADERS`] or
+    /// [`MAX_PROPERTY_HEADER_BYTES`], or not representable in HTTP. Also sent as
+    /// [`SKIPPED_PROPERTIES_HEADER`] when not 0.
+    pub skipped_properties: usize,
+    /// The Standard Webhooks `webhook-id`: the message-id when it is usable as one (see
+    /// [`signing::usable_webhook_id`]), else derived from the message's content, so every
+    /// attempt and every redelivery of one message carries the same id.
+    pub webhook_id: String,
 }
 
 impl PushRequest {
@@ -36,7 +69,8 @@ impl PushRequest {
     ///   AmqpValue string as UTF-8; any other AmqpValue, or the AmqpSequence sections'
     ///   items as one JSON array, as JSON; no body section → empty body;
     /// - `Content-Type`: the message's `content-type`, else a default for the body kind;
-    /// - AMQP metadata as `amqp-*` headers and application properties as `amqp-app-*`.
+    /// - AMQP metadata as `amqp-*` headers and application properties as `amqp-app-*`,
+    ///   within [`MAX_PROPERTY_HEADERS`] and [`MAX_PROPERTY_HEADER_BYTES`].
     pub fn from_message(
         message: &Message<Body<Value>>,
         enrollment_header: &HeaderValue,
@@ -81,13 +115,27 @@ impl PushRequest {
             "amqp-delivery-count",
             &delivery_count.to_string(),
         );
-        headers.insert(ENROLLMENT_HEADER, enrollment_header.clone());
-        if let Some(app) = &message.application_properties {
-            for (key, value) in app.0.iter() {
-                let name = format!("{APP_PROPERTY_PREFIX}{}", key.to_ascii_lowercase());
-                insert(&mut headers, &name, &simple_value_text(value));
-            }
+        if headers
+            .try_insert(ENROLLMENT_HEADER, enrollment_header.clone())
+            .is_err()
+        {
+            tracing::debug!("no room for the enrollment header");
         }
+        let skipped_properties = message
+            .application_properties
+            .as_ref()
+            .map_or(0, |app| add_properties(&mut headers, app));
+        if skipped_properties > 0 {
+            insert(
+                &mut headers,
+                SKIPPED_PROPERTIES_HEADER,
+                &skipped_properties.to_string(),
+            );
+        }
+        let webhook_id = match message_id.as_deref() {
+            Some(id) if signing::usable_webhook_id(id) => id.to_owned(),
+            _ => content_id(message, &body),
+        };
         Self {
             body,
             headers,
@@ -95,22 +143,79 @@ impl PushRequest {
             created_at_ms: props
                 .and_then(|p| p.creation_time.as_ref())
                 .map(|t| t.milliseconds()),
+            skipped_properties,
+            webhook_id,
         }
     }
 }
 
+/// Adds the application properties as `amqp-app-*` headers, in the message's order, each
+/// one that HTTP can carry and that fits what is left of both caps; returns how many were
+/// not added.
+fn add_properties(headers: &mut HeaderMap, app: &ApplicationProperties) -> usize {
+    let total = app.0.len();
+    let (mut added, mut bytes) = (0usize, 0usize);
+    for (key, value) in app.0.iter() {
+        if added == MAX_PROPERTY_HEADERS {
+            // The rest are not even rendered: a message may carry tens of thousands.
+            break;
+        }
+        let name = format!("{APP_PROPERTY_PREFIX}{}", key.to_ascii_lowercase());
+        let text = simple_value_text(value);
+        let size = name.len() + text.len();
+        // `bytes` never exceeds the cap, so the subtraction cannot underflow.
+        if size <= MAX_PROPERTY_HEADER_BYTES - bytes && insert(headers, &name, &text) {
+            added += 1;
+            bytes += size;
+        }
+    }
+    let skipped = total - added;
+    if skipped > 0 {
+        tracing::debug!(skipped, "application properties not sent as headers");
+    }
+    skipped
+}
+
 /// Adds a header, skipping names or values HTTP cannot carry (a property named with a space,
-/// a value with a newline): losing one header beats never delivering the message.
-fn insert(headers: &mut HeaderMap, name: &str, value: &str) {
+/// a value with a newline): losing one header beats never delivering the message. Says
+/// whether the header was added.
+fn insert(headers: &mut HeaderMap, name: &str, value: &str) -> bool {
     match (
         HeaderName::from_bytes(name.as_bytes()),
         HeaderValue::from_str(value),
     ) {
-        (Ok(n), Ok(v)) => {
-            headers.append(n, v);
+        (Ok(n), Ok(v)) => headers.try_append(n, v).is_ok(),
+        _ => {
+            tracing::debug!(header = name, "skipped a header HTTP cannot carry");
+            false
         }
-        _ => tracing::debug!(header = name, "skipped a header HTTP cannot carry"),
     }
+}
+
+/// `msg_` and 32 hex digits of SHA-256 over what makes the message itself: the kind and
+/// bytes of its body as POSTed, its properties and its application properties as AMQP
+/// encodes them. The header and annotations are left out: the broker changes them between
+/// redeliveries.
+fn content_id(message: &Message<Body<Value>>, body: &[u8]) -> String {
+    let kind: &[u8] = match &message.body {
+        Body::Data(_) => b"data",
+        Body::Value(_) => b"value",
+        Body::Sequence(_) => b"sequence",
+        Body::Empty => b"empty",
+    };
+    // Neither section nests, so encoding them recurses only a fixed few levels; an encoding
+    // failure leaves the part out rather than the message undelivered.
+    let properties = message
+        .properties
+        .as_ref()
+        .and_then(|p| serde_amqp::to_vec(p).ok())
+        .unwrap_or_default();
+    let application = message
+        .application_properties
+        .as_ref()
+        .and_then(|a| serde_amqp::to_vec(a).ok())
+        .unwrap_or_default();
+    signing::derived_webhook_id(&[kind, body, &properties, &application])
 }
 
 fn body_bytes(body: &Body<Value>) -> (Bytes, Option<&'static str>) {
@@ -124,9 +229,10 @@ fn body_bytes(body: &Body<Value>) -> (Bytes, Option<&'static str>) {
             other => (json_bytes(&value_to_json(other)), Some(JSON)),
         },
         Body::Sequence(sections) => {
+            // The items sit one level down, inside the array.
             let items: Vec<serde_json::Value> = sections
                 .iter()
-                .flat_map(|s| s.0.iter().map(value_to_json))
+                .flat_map(|s| s.0.iter().map(|item| json_at(item, 1)))
                 .collect();
             (json_bytes(&serde_json::Value::Array(items)), Some(JSON))
         }
@@ -135,7 +241,8 @@ fn body_bytes(body: &Body<Value>) -> (Bytes, Option<&'static str>) {
 }
 
 fn json_bytes(v: &serde_json::Value) -> Bytes {
-    // Serialising a serde_json::Value cannot fail (string keys only).
+    // Serialising a serde_json::Value cannot fail (string keys only), and its recursion is
+    // bounded by MAX_JSON_DEPTH.
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
 }
 
@@ -148,21 +255,37 @@ fn message_id_text(id: &MessageId) -> String {
     }
 }
 
+/// A property's header text: strings as they are, anything else, `null` included, as JSON
+/// text (an empty header would read as the empty string).
 fn simple_value_text(v: &SimpleValue) -> String {
     match value_to_json(&Value::from(v.clone())) {
         serde_json::Value::String(s) => s,
-        serde_json::Value::Null => String::new(),
         other => other.to_string(),
     }
 }
 
 /// An AMQP value as JSON: numbers as numbers, binary as base64, timestamps as epoch
 /// milliseconds, maps as objects (non-string keys rendered as text), described values as
-/// their value.
+/// their value. A list, array, map or described value inside [`MAX_JSON_DEPTH`] others
+/// becomes the string [`TOO_DEEP`].
 pub fn value_to_json(v: &Value) -> serde_json::Value {
+    json_at(v, 0)
+}
+
+/// `v` as JSON, `depth` being the number of lists, arrays, maps and described values
+/// around it.
+fn json_at(v: &Value, depth: usize) -> serde_json::Value {
     use serde_json::Value as J;
+    let nests = matches!(
+        v,
+        Value::Described(_) | Value::List(_) | Value::Array(_) | Value::Map(_)
+    );
+    if nests && depth >= MAX_JSON_DEPTH {
+        return J::String(TOO_DEEP.to_owned());
+    }
+    let inner = |v: &Value| json_at(v, depth + 1);
     match v {
-        Value::Described(d) => value_to_json(&d.value),
+        Value::Described(d) => inner(&d.value),
         Value::Null => J::Null,
         Value::Bool(b) => J::Bool(*b),
         Value::Ubyte(n) => J::from(*n),
@@ -184,27 +307,30 @@ pub fn value_to_json(v: &Value) -> serde_json::Value {
         Value::Binary(b) => J::String(BASE64.encode(b)),
         Value::String(s) => J::String(s.clone()),
         Value::Symbol(s) => J::String(s.0.clone()),
-        Value::List(items) => J::Array(items.iter().map(value_to_json).collect()),
-        Value::Array(items) => J::Array(items.0.iter().map(value_to_json).collect()),
+        Value::List(items) => J::Array(items.iter().map(inner).collect()),
+        Value::Array(items) => J::Array(items.0.iter().map(inner).collect()),
         Value::Map(map) => J::Object(
             map.iter()
                 .map(|(k, v)| {
-                    let key = match value_to_json(k) {
+                    let key = match inner(k) {
                         J::String(s) => s,
                         other => other.to_string(),
                     };
-                    (key, value_to_json(v))
+                    (key, inner(v))
                 })
                 .collect(),
         ),
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Data, Properties};
+    use fe2o3_amqp::types::messaging::{
+        AmqpSequence, AmqpValue, ApplicationProperties, Data, Properties,
+    };
     use fe2o3_amqp::types::primitives::Binary;
+    use serde_amqp::described::Described;
+    use serde_amqp::descriptor::Descriptor;
 
     fn hv(id: Uuid) -> HeaderValue {
         HeaderValue::from_str(&id.to_string()).expect("uuid is a header value")
@@ -222,6 +348,29 @@ mod tests {
         }
     }
 
+    fn text(body: &str) -> Message<Body<Value>> {
+        message(Body::Value(AmqpValue(Value::String(body.into()))), None)
+    }
+
+    fn with_id(id: MessageId) -> Option<Properties> {
+        Some(Properties {
+            message_id: Some(id),
+            ..Default::default()
+        })
+    }
+
+    fn request(m: &Message<Body<Value>>) -> PushRequest {
+        PushRequest::from_message(m, &hv(Uuid::nil()), 0)
+    }
+
+    fn app_headers(r: &PushRequest) -> usize {
+        r.headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(APP_PROPERTY_PREFIX))
+            .map(|k| r.headers.get_all(k).iter().count())
+            .sum()
+    }
+
     #[test]
     fn bodies_map_by_kind() {
         let id = Uuid::new_v4();
@@ -233,8 +382,7 @@ mod tests {
         assert_eq!(&r.body[..], &[0, 1, 2]);
         assert_eq!(r.headers[CONTENT_TYPE], OCTET_STREAM);
 
-        let text = message(Body::Value(AmqpValue(Value::String("héllo".into()))), None);
-        let r = PushRequest::from_message(&text, &hv(id), 0);
+        let r = PushRequest::from_message(&text("héllo"), &hv(id), 0);
         assert_eq!(&r.body[..], "héllo".as_bytes());
         assert_eq!(r.headers[CONTENT_TYPE], TEXT_PLAIN);
 
@@ -275,6 +423,7 @@ mod tests {
             .insert("Tenant".into(), SimpleValue::String("acme".into()));
         app.0.insert("priority".into(), SimpleValue::Int(7));
         app.0.insert("bad value".into(), SimpleValue::Bool(true));
+        app.0.insert("gone".into(), SimpleValue::Null);
         m.application_properties = Some(app);
         let r = PushRequest::from_message(&m, &hv(id), 3);
         let h = &r.headers;
@@ -287,7 +436,209 @@ mod tests {
         assert_eq!(h[ENROLLMENT_HEADER], id.to_string().as_str());
         assert_eq!(h["amqp-app-tenant"], "acme");
         assert_eq!(h["amqp-app-priority"], "7");
+        assert_eq!(h["amqp-app-gone"], "null", "null is not the empty string");
         assert_eq!(r.message_id.as_deref(), Some("m-1"));
+        assert_eq!(r.webhook_id, "m-1");
         assert!(h.keys().all(|k| !k.as_str().contains(' ')));
+        // The property named with a space cannot be a header: counted, and said so.
+        assert_eq!(r.skipped_properties, 1);
+        assert_eq!(h[SKIPPED_PROPERTIES_HEADER], "1");
+    }
+
+    #[test]
+    fn uuid_and_binary_ids_map_as_text_and_broken_ids_are_left_out() {
+        let uuid = Uuid::new_v4();
+        let m = message(
+            Body::Empty,
+            with_id(MessageId::Uuid(uuid.into_bytes().into())),
+        );
+        let r = request(&m);
+        assert_eq!(r.headers["amqp-message-id"], uuid.to_string().as_str());
+        assert_eq!(r.webhook_id, uuid.to_string());
+
+        let m = message(
+            Body::Empty,
+            with_id(MessageId::Binary(Binary::from(vec![0xff, 0, 1]))),
+        );
+        let r = request(&m);
+        assert_eq!(r.headers["amqp-message-id"], "/wAB");
+        assert_eq!(r.webhook_id, "/wAB");
+
+        let mut props = with_id(MessageId::String("a\r\nx-injected: 1".into()));
+        if let Some(p) = props.as_mut() {
+            p.correlation_id = Some(MessageId::String("c\nd".into()));
+        }
+        let r = request(&message(Body::Empty, props));
+        assert!(r.headers.get("amqp-message-id").is_none());
+        assert!(r.headers.get("amqp-correlation-id").is_none());
+        assert!(r.headers.get("x-injected").is_none());
+        assert_eq!(r.message_id.as_deref(), Some("a\r\nx-injected: 1"));
+        assert!(r.webhook_id.starts_with("msg_"), "{}", r.webhook_id);
+    }
+
+    #[test]
+    fn thirty_thousand_properties_are_capped_not_a_panic() {
+        let mut m = text("big");
+        let mut app = ApplicationProperties::default();
+        for i in 0..30_000 {
+            app.0.insert(format!("p{i}"), SimpleValue::Int(i));
+        }
+        m.application_properties = Some(app);
+        let r = request(&m);
+        assert_eq!(app_headers(&r), MAX_PROPERTY_HEADERS);
+        assert_eq!(r.skipped_properties, 30_000 - MAX_PROPERTY_HEADERS);
+        assert_eq!(
+            r.headers[SKIPPED_PROPERTIES_HEADER],
+            (30_000 - MAX_PROPERTY_HEADERS).to_string().as_str()
+        );
+        // The first ones, in the message's order.
+        assert_eq!(r.headers["amqp-app-p0"], "0");
+        assert_eq!(r.headers["amqp-app-p63"], "63");
+        assert!(r.headers.get("amqp-app-p64").is_none());
+    }
+
+    #[test]
+    fn property_headers_stay_within_the_byte_cap() {
+        let mut m = text("wide");
+        let mut app = ApplicationProperties::default();
+        // 12 + 1000 bytes each: 8 fit in 8 KiB, the ninth does not; a short one after it
+        // still does.
+        for i in 0..20 {
+            app.0
+                .insert(format!("w{i:02}"), SimpleValue::String("v".repeat(1000)));
+        }
+        app.0.insert("z".into(), SimpleValue::Bool(false));
+        app.0
+            .insert("huge".into(), SimpleValue::String("v".repeat(100_000)));
+        m.application_properties = Some(app);
+        let r = request(&m);
+        let sent: usize = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k.as_str().starts_with(APP_PROPERTY_PREFIX))
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum();
+        assert!(sent <= MAX_PROPERTY_HEADER_BYTES, "{sent} bytes");
+        assert_eq!(app_headers(&r), 9);
+        assert_eq!(r.headers["amqp-app-z"], "false");
+        assert_eq!(r.skipped_properties, 22 - 9);
+    }
+
+    /// `levels` lists around a 1, built without recursion.
+    fn nested_lists(levels: usize) -> Value {
+        let mut v = Value::Int(1);
+        for _ in 0..levels {
+            v = Value::List(vec![v]);
+        }
+        v
+    }
+
+    /// Takes a nested value apart level by level: dropping it whole recurses once per level.
+    fn unnest(mut v: Value) {
+        loop {
+            v = match v {
+                Value::List(mut items) => items.pop().unwrap_or(Value::Null),
+                Value::Described(d) => d.value,
+                _ => return,
+            };
+        }
+    }
+
+    fn depth_of(json: &serde_json::Value) -> (usize, &serde_json::Value) {
+        let mut levels = 0;
+        let mut at = json;
+        while let serde_json::Value::Array(items) = at {
+            levels += 1;
+            at = &items[0];
+        }
+        (levels, at)
+    }
+
+    #[test]
+    fn nesting_is_rendered_up_to_the_bound_and_replaced_below_it() {
+        let fits = nested_lists(MAX_JSON_DEPTH);
+        let json = value_to_json(&fits);
+        assert_eq!(depth_of(&json), (MAX_JSON_DEPTH, &serde_json::json!(1)));
+        unnest(fits);
+
+        let deeper = nested_lists(MAX_JSON_DEPTH + 1);
+        let json = value_to_json(&deeper);
+        assert_eq!(
+            depth_of(&json),
+            (MAX_JSON_DEPTH, &serde_json::json!(TOO_DEEP))
+        );
+        unnest(deeper);
+        assert!(TOO_DEEP.contains(&MAX_JSON_DEPTH.to_string()));
+    }
+
+    #[test]
+    fn a_body_nested_ten_thousand_levels_is_bounded() {
+        // Built, mapped and taken apart on the test thread's own stack: only the mapping's
+        // recursion could overflow it, and it stops at MAX_JSON_DEPTH.
+        let m = message(Body::Value(AmqpValue(nested_lists(10_000))), None);
+        let r = request(&m);
+        assert_eq!(r.headers[CONTENT_TYPE], JSON);
+        let json: serde_json::Value = serde_json::from_slice(&r.body).expect("valid JSON");
+        assert_eq!(
+            depth_of(&json),
+            (MAX_JSON_DEPTH, &serde_json::json!(TOO_DEEP))
+        );
+        if let Body::Value(AmqpValue(v)) = m.body {
+            unnest(v);
+        }
+
+        let mut described = Value::Int(1);
+        for _ in 0..10_000 {
+            described = Value::Described(Box::new(Described {
+                descriptor: Descriptor::Code(7),
+                value: described,
+            }));
+        }
+        let seq = message(
+            Body::Sequence(vec![AmqpSequence(vec![described])].into()),
+            None,
+        );
+        let r = request(&seq);
+        assert_eq!(&r.body[..], format!("[\"{TOO_DEEP}\"]").as_bytes());
+        if let Body::Sequence(mut sections) = seq.body
+            && let Some(mut section) = sections.pop()
+            && let Some(v) = section.0.pop()
+        {
+            unnest(v);
+        }
+    }
+
+    #[test]
+    fn a_message_without_a_usable_id_gets_one_from_its_content() {
+        let a = request(&text("same"));
+        let again = request(&text("same"));
+        let other = request(&text("different"));
+        assert_eq!(a.webhook_id, again.webhook_id, "stable across redeliveries");
+        assert_ne!(a.webhook_id, other.webhook_id);
+        assert!(signing::usable_webhook_id(&a.webhook_id));
+        let hex = a.webhook_id.strip_prefix("msg_").expect("msg_ prefix");
+        assert_eq!(hex.len(), 32);
+        assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()));
+
+        // The same bytes as another body kind, or with other properties, are another message.
+        let data = message(
+            Body::Data(vec![Data(Binary::from(b"same".to_vec()))].into()),
+            None,
+        );
+        assert_ne!(request(&data).webhook_id, a.webhook_id);
+        let mut tagged = text("same");
+        let mut app = ApplicationProperties::default();
+        app.0.insert("k".into(), SimpleValue::Int(1));
+        tagged.application_properties = Some(app);
+        assert_ne!(request(&tagged).webhook_id, a.webhook_id);
+
+        // A redelivery differs only in its delivery count.
+        let crlf = message(Body::Empty, with_id(MessageId::String("bad\r\nid".into())));
+        let first = PushRequest::from_message(&crlf, &hv(Uuid::nil()), 0);
+        let second = PushRequest::from_message(&crlf, &hv(Uuid::nil()), 4);
+        assert!(first.webhook_id.starts_with("msg_"));
+        assert_eq!(first.webhook_id, second.webhook_id);
+        let other_bad = message(Body::Empty, with_id(MessageId::String("bad\nid2".into())));
+        assert_ne!(request(&other_bad).webhook_id, first.webhook_id);
     }
 }

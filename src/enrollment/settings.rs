@@ -21,6 +21,20 @@ pub const MAX_HOLD_MS: u64 = 7 * 24 * 3_600_000;
 /// The largest link credit an enrollment may ask for (`subscription_args.prefetch`,
 /// `DEFAULT_PREFETCH`): credit is memory held in the daemon.
 pub const MAX_PREFETCH: u32 = 10_000;
+/// The longest any duration setting may be (`timeout_ms`, `retry.base_ms`, `retry.max_ms`,
+/// `circuit_breaker.open_ms`): 24 h. Longer waits mean a message held for days, and far
+/// larger ones overflow a deadline computed as now plus the duration.
+pub const MAX_DURATION_MS: u64 = 24 * 60 * 60 * 1000;
+/// `rate_limit_per_sec` bounds. The limiter spaces POSTs `1 / rate` seconds apart: below the
+/// minimum that period (over 16 min) only looks like a stalled enrollment, and near 0 it
+/// overflows (the rate limiter panics on a period over 584 years); above the maximum it is
+/// under a microsecond.
+pub const MIN_RATE_PER_SEC: f64 = 0.001;
+pub const MAX_RATE_PER_SEC: f64 = 1_000_000.0;
+/// The highest `circuit_breaker.failure_threshold`. The breaker's count saturates, so no
+/// value overflows; a threshold this high never trips in practice, and 0 is how the breaker
+/// is turned off.
+pub const MAX_FAILURE_THRESHOLD: u32 = 1_000_000;
 
 /// The `delivery` object as the user sent it; absent fields take the daemon's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -178,9 +192,14 @@ impl DeliverySettings {
                 &format!("must be from 0 (never hold) to {MAX_HOLD_MS} (7 days)"),
             );
         }
-        if self.timeout_ms == Some(0) {
-            return invalid("timeout_ms", "must be greater than 0");
-        }
+        let duration = |field: &str, value: Option<u64>| match value {
+            Some(ms) if !(1..=MAX_DURATION_MS).contains(&ms) => invalid(
+                field,
+                &format!("must be from 1 to {MAX_DURATION_MS} (24 h), in milliseconds"),
+            ),
+            _ => Ok(()),
+        };
+        duration("timeout_ms", self.timeout_ms)?;
         if let Some(r) = &self.retry {
             if let Some(n) = r.max_attempts
                 && !(1..=MAX_ATTEMPTS).contains(&n)
@@ -190,8 +209,14 @@ impl DeliverySettings {
                     &format!("must be from 1 to {MAX_ATTEMPTS}"),
                 );
             }
-            if r.base_ms == Some(0) {
-                return invalid("retry.base_ms", "must be greater than 0");
+            duration("retry.base_ms", r.base_ms)?;
+            if let Some(max) = r.max_ms
+                && max > MAX_DURATION_MS
+            {
+                return invalid(
+                    "retry.max_ms",
+                    &format!("must be at most {MAX_DURATION_MS} (24 h), in milliseconds"),
+                );
             }
             if let (Some(base), Some(max)) = (r.base_ms, r.max_ms)
                 && max < base
@@ -199,17 +224,23 @@ impl DeliverySettings {
                 return invalid("retry.max_ms", "must not be smaller than retry.base_ms");
             }
         }
-        if let Some(b) = &self.circuit_breaker
-            && b.open_ms == Some(0)
-        {
-            return invalid("circuit_breaker.open_ms", "must be greater than 0");
+        if let Some(b) = &self.circuit_breaker {
+            duration("circuit_breaker.open_ms", b.open_ms)?;
+            if let Some(n) = b.failure_threshold
+                && n > MAX_FAILURE_THRESHOLD
+            {
+                return invalid(
+                    "circuit_breaker.failure_threshold",
+                    &format!("must be from 0 (off) to {MAX_FAILURE_THRESHOLD}"),
+                );
+            }
         }
         if let Some(rate) = self.rate_limit_per_sec
-            && !(rate.is_finite() && rate > 0.0 && rate <= 1_000_000.0)
+            && !(MIN_RATE_PER_SEC..=MAX_RATE_PER_SEC).contains(&rate)
         {
             return invalid(
                 "rate_limit_per_sec",
-                "must be a number above 0 and at most 1000000",
+                &format!("must be a number from {MIN_RATE_PER_SEC} to {MAX_RATE_PER_SEC}"),
             );
         }
         if let Some(headers) = &self.headers {
@@ -279,6 +310,15 @@ mod tests {
             "signing": {"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}
         }))
         .expect("valid");
+        DeliverySettings::from_json(json!({
+            "timeout_ms": MAX_DURATION_MS,
+            "retry": {"base_ms": MAX_DURATION_MS, "max_ms": MAX_DURATION_MS},
+            "circuit_breaker": {"open_ms": MAX_DURATION_MS, "failure_threshold": MAX_FAILURE_THRESHOLD},
+            "rate_limit_per_sec": MIN_RATE_PER_SEC,
+        }))
+        .expect("the bounds themselves are valid");
+        DeliverySettings::from_json(json!({"rate_limit_per_sec": MAX_RATE_PER_SEC}))
+            .expect("the highest rate is valid");
         let p = ok.resolve(&defaults());
         assert_eq!(p.max_in_flight, 16);
         assert_eq!(p.retry.max_attempts, 3);
@@ -323,6 +363,72 @@ mod tests {
             (json!({"signing": {"secret": ""}}), "signing.secret", false),
             (json!({"colour": 1}), "colour", false),
             (json!({"headers": {"bad name": "x"}}), "headers", false),
+            // Bounds that keep a later Duration, deadline or rate limiter from overflowing.
+            (
+                json!({"rate_limit_per_sec": 1e-12}),
+                "rate_limit_per_sec",
+                false,
+            ),
+            (
+                json!({"rate_limit_per_sec": 0.0009}),
+                "rate_limit_per_sec",
+                false,
+            ),
+            (
+                json!({"rate_limit_per_sec": 0}),
+                "rate_limit_per_sec",
+                false,
+            ),
+            (
+                json!({"rate_limit_per_sec": 1e300}),
+                "rate_limit_per_sec",
+                false,
+            ),
+            (
+                json!({"rate_limit_per_sec": 1_000_001}),
+                "rate_limit_per_sec",
+                false,
+            ),
+            (json!({"timeout_ms": 0}), "timeout_ms", false),
+            (json!({"timeout_ms": u64::MAX}), "timeout_ms", false),
+            (
+                json!({"timeout_ms": MAX_DURATION_MS + 1}),
+                "timeout_ms",
+                false,
+            ),
+            (json!({"timeout_ms": 1e30}), "timeout_ms", true),
+            (json!({"retry": {"base_ms": 0}}), "retry.base_ms", false),
+            (
+                json!({"retry": {"base_ms": MAX_DURATION_MS + 1}}),
+                "retry.base_ms",
+                false,
+            ),
+            (
+                json!({"retry": {"max_ms": u64::MAX}}),
+                "retry.max_ms",
+                false,
+            ),
+            (
+                json!({"circuit_breaker": {"open_ms": 0}}),
+                "circuit_breaker.open_ms",
+                false,
+            ),
+            (
+                json!({"circuit_breaker": {"open_ms": u64::MAX}}),
+                "circuit_breaker.open_ms",
+                false,
+            ),
+            (
+                json!({"circuit_breaker": {"failure_threshold": u32::MAX}}),
+                "circuit_breaker.failure_threshold",
+                false,
+            ),
+            (
+                json!({"retry": {"max_attempts": 101}}),
+                "retry.max_attempts",
+                false,
+            ),
+            (json!({"max_in_flight": 1001}), "max_in_flight", false),
         ] {
             let err = DeliverySettings::from_json(body.clone()).expect_err("refused");
             assert!(err.to_string().contains(field), "{body}: {err}");
