@@ -337,6 +337,10 @@ impl Api {
         must(self.0.delete(id).await)
     }
 
+    pub async fn post_empty(&self, path: &str) -> (u16, Value) {
+        must(self.0.post_empty(path).await)
+    }
+
     pub async fn enrollment(&self, id: &str) -> Value {
         must(self.0.enrollment(id).await)
     }

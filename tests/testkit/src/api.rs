@@ -82,6 +82,18 @@ impl Api {
         Ok(body)
     }
 
+    /// POST `path` with no body (pause, resume): the status and the JSON answer.
+    pub async fn post_empty(&self, path: &str) -> Result<(u16, Value)> {
+        let res = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .send()
+            .await
+            .with_context(|| format!("POST {path}"))?;
+        let status = res.status().as_u16();
+        Ok((status, res.json().await.unwrap_or(Value::Null)))
+    }
+
     /// DELETE /enroll/ID; the status.
     pub async fn delete(&self, id: &str) -> Result<u16> {
         let res = self
