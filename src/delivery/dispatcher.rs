@@ -139,9 +139,18 @@ impl Dispatcher {
         let mut attempts = 0u32;
         let mut held: Option<Hold<'_>> = None;
         loop {
+            // A held message waiting for the breaker still leaves at `max_hold_ms`.
+            let hold_ends = held
+                .as_ref()
+                .zip(self.policy.max_hold_ms)
+                .map(|(hold, limit)| hold.since + Duration::from_millis(limit));
             let permit = tokio::select! {
                 biased;
                 _ = signals.stop.cancelled() => return DeliveryOutcome::HandedBack,
+                _ = sleep_until(hold_ends) => {
+                    let limit = self.policy.max_hold_ms.unwrap_or(0);
+                    return failed(format!("target unavailable; held longer than max_hold_ms ({limit} ms)"));
+                }
                 permit = self.breaker.acquire() => permit,
             };
             if let Some(limiter) = &self.limiter {
@@ -254,6 +263,13 @@ impl Dispatcher {
             took: started.elapsed(),
         });
         result
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
