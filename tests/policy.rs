@@ -11,20 +11,6 @@ use common::*;
 use hmac::{KeyInit, Mac};
 use serde_json::{Value, json};
 
-async fn enroll_with(api: &Api, queue: &str, target: &str, delivery: Value) -> String {
-    let e = api
-        .enroll(json!({"queue": address(queue), "target_url": target, "delivery": delivery}))
-        .await;
-    e["id"].as_str().expect("id").to_string()
-}
-
-fn distinct_accepted(target: &Target) -> usize {
-    let mut bodies = target.accepted_bodies();
-    bodies.sort();
-    bodies.dedup();
-    bodies.len()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ten_second_outage_with_default_settings_dead_letters_nothing() {
     let _limit = time_limit(TEST_TIME_LIMIT);

@@ -388,3 +388,19 @@ pub fn spawn_daemon(
         log,
     ))
 }
+
+/// Enrolls `queue` (an existing RabbitMQ queue) for `target` with these delivery settings; the id.
+pub async fn enroll_with(api: &Api, queue: &str, target: &str, delivery: Value) -> String {
+    let e = api
+        .enroll(json!({"queue": address(queue), "target_url": target, "delivery": delivery}))
+        .await;
+    e["id"].as_str().expect("id").to_string()
+}
+
+/// How many different bodies the target answered 2xx (duplicates counted once).
+pub fn distinct_accepted(target: &Target) -> usize {
+    let mut bodies = target.accepted_bodies();
+    bodies.sort();
+    bodies.dedup();
+    bodies.len()
+}
