@@ -91,6 +91,8 @@ struct RawConfig {
     api_rate_limit_per_min: u32,
     #[serde(default)]
     amqp_connection_pool: usize,
+    #[serde(default = "default_amqp_max_message_bytes")]
+    amqp_max_message_bytes: u64,
 }
 
 fn default_amqp_url() -> String {
@@ -126,6 +128,9 @@ fn default_reconnect_max_ms() -> u64 {
 fn default_amqp_connect_timeout_ms() -> u64 {
     10_000
 }
+fn default_amqp_max_message_bytes() -> u64 {
+    64 * 1024 * 1024
+}
 
 fn default_max_in_flight() -> u32 {
     1
@@ -155,6 +160,10 @@ fn default_breaker_open_ms() -> u64 {
 /// Largest `AMQP_CONNECTION_POOL`: sessions per connection are bounded by the broker's
 /// channel-max (2047 on RabbitMQ), so a handful of connections carries thousands of enrollments.
 pub const MAX_CONNECTION_POOL: usize = 256;
+
+/// Bounds of `AMQP_MAX_MESSAGE_BYTES`: below 1 KiB hardly a message fits; above 1 GiB one
+/// message (held whole while its POST runs, per in-flight slot) could take the daemon's memory.
+pub const AMQP_MAX_MESSAGE_BYTES_RANGE: std::ops::RangeInclusive<u64> = 1024..=1024 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
@@ -206,6 +215,8 @@ pub struct Config {
     pub api_rate_limit_per_min: u32,
     /// 0: a connection per enrollment; N: enrollments share N connections.
     pub amqp_connection_pool: usize,
+    /// The receiver link's `max-message-size`: the largest message the daemon takes in.
+    pub amqp_max_message_bytes: u64,
 }
 
 impl Config {
@@ -318,6 +329,16 @@ impl Config {
                 ),
             ));
         }
+        if !AMQP_MAX_MESSAGE_BYTES_RANGE.contains(&raw.amqp_max_message_bytes) {
+            return Err(invalid(
+                "AMQP_MAX_MESSAGE_BYTES",
+                format!(
+                    "must be from {} (1 KiB) to {} (1 GiB)",
+                    AMQP_MAX_MESSAGE_BYTES_RANGE.start(),
+                    AMQP_MAX_MESSAGE_BYTES_RANGE.end()
+                ),
+            ));
+        }
         let api_token = raw.api_token.filter(|t| !t.is_empty());
         if api_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("API_TOKEN", "must be at least 16 characters"));
@@ -376,6 +397,7 @@ impl Config {
             cors_origins,
             api_rate_limit_per_min: raw.api_rate_limit_per_min,
             amqp_connection_pool: raw.amqp_connection_pool,
+            amqp_max_message_bytes: raw.amqp_max_message_bytes,
         })
     }
 
@@ -408,6 +430,7 @@ impl fmt::Debug for Config {
             .field("cors_origins", &self.cors_origins)
             .field("api_rate_limit_per_min", &self.api_rate_limit_per_min)
             .field("amqp_connection_pool", &self.amqp_connection_pool)
+            .field("amqp_max_message_bytes", &self.amqp_max_message_bytes)
             .finish()
     }
 }
@@ -427,6 +450,33 @@ mod tests {
         assert_eq!(c.http_port, 8080);
         assert_eq!(c.sqlite_path, PathBuf::from("hotpotato.sqlite"));
         assert_eq!(c.failure_outcome, FailureOutcomePolicy::Auto);
+        assert_eq!(c.amqp_max_message_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn the_message_size_bound_takes_1_kib_to_1_gib() {
+        for (value, ok) in [
+            ("1023", false),
+            ("1024", true),
+            ("1048576", true),
+            ("1073741824", true),
+            ("1073741825", false),
+            ("0", false),
+            ("-1", false),
+            ("64MiB", false),
+        ] {
+            let got = cfg(&[("AMQP_MAX_MESSAGE_BYTES", value)]);
+            match got {
+                Ok(c) if ok => assert_eq!(c.amqp_max_message_bytes.to_string(), value),
+                Err(e) if !ok => {
+                    assert!(
+                        e.to_string().contains("AMQP_MAX_MESSAGE_BYTES"),
+                        "{value}: {e}"
+                    )
+                }
+                other => panic!("{value}: {:?}", other.map(|c| c.amqp_max_message_bytes)),
+            }
+        }
     }
 
     #[test]

@@ -87,6 +87,7 @@ pub async fn run(
         pool: (config.amqp_connection_pool > 0)
             .then(|| ConnectionPool::new(config.amqp_connection_pool)),
         dialer: Dialer::Tcp,
+        max_message_size: config.amqp_max_message_bytes,
     });
     let ctx = WorkerContext {
         opener: std::sync::Arc::new(AmqpOpener {

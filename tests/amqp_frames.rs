@@ -1,9 +1,9 @@
 //! The worker's AMQP frames, asserted exactly: the daemon's real link code (fe2o3-amqp) talks
 //! to the in-memory peer of the test kit, which plays RabbitMQ 3.x or Artemis at attach and
 //! logs every frame the worker sends. Covers what a real broker can't show on demand: the
-//! disposition state for each answer, the failure outcome chosen from the advertised outcomes,
-//! `detach.closed`, link credit following the breaker, and the source of a durable
-//! subscription.
+//! disposition state for each answer, the failure outcome chosen from the advertised outcomes
+//! and the default outcome, `detach.closed`, link credit following the breaker, and the source
+//! of a durable subscription.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -12,7 +12,9 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
-use fe2o3_amqp::types::messaging::{DeliveryState, TerminusDurability, TerminusExpiryPolicy};
+use fe2o3_amqp::types::messaging::{
+    DeliveryState, Modified, Outcome, TerminusDurability, TerminusExpiryPolicy,
+};
 use fe2o3_amqp::types::performatives::{Detach, Disposition};
 use hot_potato::amqp::connection::{BrokerSettings, Dialer};
 use hot_potato::backoff::BackoffSettings;
@@ -90,6 +92,7 @@ async fn start(source: SourceAnswer, body: serde_json::Value) -> Worker {
         connect_timeout: WAIT,
         pool: None,
         dialer: Dialer::Stream(Arc::new(move || dial.dial())),
+        max_message_size: 1024 * 1024,
     });
     let ctx = WorkerContext {
         opener: Arc::new(AmqpOpener {
@@ -170,10 +173,24 @@ fn state_of(d: &Disposition) -> String {
 #[tokio::test]
 async fn the_failure_outcome_follows_what_the_broker_advertises() {
     let modified = "modified{delivery_failed: Some(true), undeliverable_here: Some(false)}";
+    // Without an `outcomes` list only the default outcome is promised (AMQP 1.0 §3.5.3).
+    let modified_by_default = SourceAnswer {
+        default_outcome: Some(Outcome::Modified(Modified {
+            delivery_failed: None,
+            undeliverable_here: None,
+            message_annotations: None,
+        })),
+        ..SourceAnswer::default()
+    };
     for (broker, source, want) in [
         ("RabbitMQ 3.x", SourceAnswer::rabbitmq_3(), "released"),
         ("Artemis", SourceAnswer::artemis(), modified),
-        ("no outcomes listed", SourceAnswer::default(), modified),
+        ("no outcomes listed", SourceAnswer::default(), "released"),
+        (
+            "no outcomes listed, default-outcome modified",
+            modified_by_default,
+            modified,
+        ),
     ] {
         let w = start(source, json!({"delivery": {"retry": {"max_attempts": 1}}})).await;
         w.peer.send(QUEUE, TestMessage::text("fail").id("m1"));

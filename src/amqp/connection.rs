@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::sasl_profile::SaslProfile;
-use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::session::{BeginError, SessionHandle};
 use fe2o3_amqp::{Connection, Session};
 use percent_encoding::percent_decode_str;
 use tokio::io::DuplexStream;
@@ -40,9 +40,13 @@ pub struct BrokerSettings {
     /// `None`: a dedicated connection per enrollment.
     pub pool: Option<ConnectionPool>,
     pub dialer: Dialer,
+    /// The receiver's `max-message-size` (`AMQP_MAX_MESSAGE_BYTES`): a bound on the memory
+    /// one message may take. See [`crate::amqp::link`] for what a larger message does.
+    pub max_message_size: u64,
 }
 
-/// A fixed set of shared connections, each opened on first use and reopened after it fails.
+/// A fixed set of shared connections, each opened on first use and reopened once it is closed
+/// or broken. A session the broker refuses on a live connection leaves the connection in place.
 pub struct ConnectionPool {
     slots: Vec<Mutex<Option<ConnectionHandle<()>>>>,
 }
@@ -72,6 +76,13 @@ pub struct SessionLease {
 const END_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl SessionLease {
+    fn pooled(session: SessionHandle<()>) -> Self {
+        Self {
+            session,
+            owned: None,
+        }
+    }
+
     /// Ends the session, or closes the connection when it is this enrollment's own (which
     /// ends its session too). Bounded in time: fe2o3-amqp 0.18's session task busy-polls
     /// once its links are gone until the broker's `end` arrives, so it must not be left
@@ -116,7 +127,7 @@ impl BrokerSettings {
                     owned: Some(connection),
                 }),
                 Err(e) => {
-                    let _ = tokio::time::timeout(END_TIMEOUT, connection.close()).await;
+                    close_quietly(connection).await;
                     Err(e.into())
                 }
             };
@@ -125,44 +136,91 @@ impl BrokerSettings {
         // Held across the connect on purpose: the enrollments of a slot wait for one
         // reconnect instead of each opening a connection of its own.
         let mut slot = pool.slots[index].lock().await;
+        // A connection whose event loop has stopped serves no one: replace it without trying.
+        if slot.as_ref().is_some_and(ConnectionHandle::is_closed)
+            && let Some(dead) = slot.take()
+        {
+            close_quietly(dead).await;
+        }
         if let Some(connection) = slot.as_mut() {
-            if !connection.is_closed() {
-                match Session::begin(connection).await {
-                    Ok(session) => {
-                        return Ok(SessionLease {
-                            session,
-                            owned: None,
-                        });
-                    }
-                    Err(e) => {
-                        tracing::info!(slot = index, error = %e, "pooled connection is broken; reopening it")
+            match Session::begin(connection).await {
+                Ok(session) => return Ok(SessionLease::pooled(session)),
+                Err(e) if !connection_is_broken(connection, &e) => {
+                    // Only this enrollment's session was refused; the sessions of the other
+                    // enrollments on this connection are fine and must not be torn down.
+                    tracing::warn!(
+                        slot = index,
+                        error = %e,
+                        "no session on the pooled connection for this enrollment; the connection stays open for the others"
+                    );
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    tracing::info!(slot = index, error = %e, "pooled connection is broken; reopening it");
+                    if let Some(dead) = slot.take() {
+                        close_quietly(dead).await;
                     }
                 }
-            }
-            if let Some(mut dead) = slot.take() {
-                let _ = tokio::time::timeout(END_TIMEOUT, dead.close()).await;
             }
         }
         let mut connection =
             connect(&self.url, &self.dialer, &format!("hot-potato-pool-{index}")).await?;
-        let session = Session::begin(&mut connection).await?;
-        *slot = Some(connection);
-        Ok(SessionLease {
-            session,
-            owned: None,
-        })
+        match Session::begin(&mut connection).await {
+            Ok(session) => {
+                *slot = Some(connection);
+                Ok(SessionLease::pooled(session))
+            }
+            Err(e) => {
+                // A live connection stays in the slot for the next enrollment that needs one.
+                if connection_is_broken(&connection, &e) {
+                    close_quietly(connection).await;
+                } else {
+                    *slot = Some(connection);
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Closes the pooled connections (shutdown). Dedicated ones close with their sessions.
     pub async fn close_pool(&self) {
         if let Some(pool) = &self.pool {
             for slot in &pool.slots {
-                if let Some(mut connection) = slot.lock().await.take() {
-                    let _ = tokio::time::timeout(END_TIMEOUT, connection.close()).await;
+                if let Some(connection) = slot.lock().await.take() {
+                    close_quietly(connection).await;
                 }
             }
         }
     }
+}
+
+/// Whether a failed `begin` shows the connection itself gone (so it may be reopened) rather
+/// than one session refused on a connection that still carries other enrollments' sessions.
+/// Exhaustive on purpose: a new fe2o3 error kind must be sorted here, not guessed.
+fn connection_is_broken(connection: &ConnectionHandle<()>, error: &BeginError) -> bool {
+    if connection.is_closed() {
+        return true;
+    }
+    match error {
+        // The connection's event loop stopped (closed by either side, I/O error, missed
+        // heartbeats) or never got as far as `open`.
+        BeginError::ConnectionStopped(_) | BeginError::ConnectionNotOpened => true,
+        // fe2o3 and the broker disagree about the connection's state: nothing on it can be
+        // trusted any more.
+        BeginError::IllegalState => true,
+        // Every channel up to the negotiated channel-max is taken: the connection is healthy,
+        // it just carries as many sessions as it may.
+        BeginError::LocalChannelMaxReached => false,
+        // The broker answered this one `begin` with an `end`: it refused the session, not the
+        // connection.
+        BeginError::RemoteEnded | BeginError::RemoteEndedWithError(_) => false,
+    }
+}
+
+/// Closes a connection this code is done with, bounded by [`END_TIMEOUT`]; the outcome is of
+/// no interest (it is usually closed already).
+async fn close_quietly(mut connection: ConnectionHandle<()>) {
+    let _ = tokio::time::timeout(END_TIMEOUT, connection.close()).await;
 }
 
 /// Opens one connection: TCP with Nagle off (every disposition is a small frame we want out at
@@ -230,6 +288,57 @@ mod tests {
             _ => panic!("expected SASL PLAIN"),
         }
         assert!(sasl_plain(&Url::parse("amqp://localhost").expect("url")).is_none());
+    }
+
+    /// The in-memory peer advertises channel-max 0: each connection carries one session, so a
+    /// second `begin` on the pooled connection fails while the connection itself is healthy.
+    #[tokio::test]
+    async fn a_refused_session_leaves_the_pooled_connection_to_the_others() {
+        use hot_potato_testkit::peer::{Peer, PeerConfig};
+        let peer = Arc::new(Peer::start(PeerConfig {
+            channel_max: 0,
+            ..PeerConfig::default()
+        }));
+        let dial = Arc::clone(&peer);
+        let broker = BrokerSettings {
+            url: Url::parse("amqp://in-memory-peer").expect("url"),
+            connect_timeout: Duration::from_secs(10),
+            pool: Some(ConnectionPool::new(1)),
+            dialer: Dialer::Stream(Arc::new(move || dial.dial())),
+            max_message_size: 1024,
+        };
+        let first = broker
+            .session(Uuid::new_v4(), "a")
+            .await
+            .expect("the first session");
+        let refused = broker.session(Uuid::new_v4(), "b").await;
+        assert!(
+            matches!(
+                refused,
+                Err(LinkError::Begin(BeginError::LocalChannelMaxReached))
+            ),
+            "{:?}",
+            refused.err()
+        );
+        assert!(!first.session.is_ended(), "the first session is untouched");
+        assert_eq!(peer.live_connections(), 1);
+        assert!(
+            peer.frames().iter().all(|f| f.as_close().is_none()),
+            "the pooled connection was not closed"
+        );
+        // Once the first enrollment lets its session go, the next one gets the freed channel on
+        // the same connection.
+        first.end().await;
+        let next = broker
+            .session(Uuid::new_v4(), "c")
+            .await
+            .expect("a session once a channel is free");
+        assert!(
+            peer.frames().iter().all(|f| f.connection == 1),
+            "one connection only"
+        );
+        next.end().await;
+        broker.close_pool().await;
     }
 
     #[test]

@@ -23,4 +23,20 @@ pub enum LinkError {
     Credit(String),
     #[error("the broker URL has no usable host")]
     BadUrl,
+    /// The attach answer's sender settle mode is `settled`: the broker would send every message
+    /// pre-settled, so a failed POST could not hand it back and it would be lost.
+    #[error(
+        "the broker would send every message pre-settled (attach answered snd-settle-mode \
+         `settled`), so a message whose POST fails could not be handed back and would be lost; \
+         the link is refused: make the broker deliver this address unsettled (at-least-once)"
+    )]
+    PreSettled,
+    /// A message larger than the link's `max-message-size` arrived: fe2o3 closed the link and
+    /// the broker keeps the message (it comes back first on the next link).
+    #[error(
+        "a message of {size} bytes is larger than AMQP_MAX_MESSAGE_BYTES ({max} bytes); the link \
+         was closed and the broker keeps the message: raise AMQP_MAX_MESSAGE_BYTES or move the \
+         message off the queue"
+    )]
+    MessageTooLarge { size: u64, max: u64 },
 }

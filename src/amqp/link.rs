@@ -1,6 +1,15 @@
 //! One enrollment's AMQP 1.0 receiver link, on a session from [`crate::amqp::connection`]:
 //! attach, receive, settle, credit, and the two ways a link ends (detach keeps a durable
 //! subscription, close removes it).
+//!
+//! The link asks for unsettled deliveries (a pre-settled message could not be handed back, so
+//! a broker that insists on pre-settling is refused) and bounds a message's size with
+//! `max-message-size` (`AMQP_MAX_MESSAGE_BYTES`). A broker should not send a larger message
+//! (AMQP 1.0 §2.7.3), but RabbitMQ 3.10 does; fe2o3-amqp then detaches the link with
+//! `closed=true` and `amqp:link:message-size-exceeded` before the message is decoded, and
+//! `recv` fails. The broker keeps the message (unsettled, it returns with the session), so the
+//! worker reconnects and meets it again at the head of the queue until the limit is raised or
+//! the message is moved.
 
 use std::time::Duration;
 
@@ -9,6 +18,7 @@ use fe2o3_amqp::link::RecvError;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::types::definitions;
+use fe2o3_amqp::types::definitions::SenderSettleMode;
 use fe2o3_amqp::types::messaging::{Body, Message, Modified};
 use fe2o3_amqp::types::primitives::Value;
 
@@ -71,7 +81,12 @@ impl AmqpLink {
             .name(name)
             .source(source)
             .auto_accept(false)
-            .credit_mode(CreditMode::Auto(prefetch))
+            // No credit until the attach answer is checked below: a broker that pre-settles
+            // must not get the chance to send (and so lose) a single message.
+            .credit_mode(CreditMode::Manual)
+            // Every message unsettled, so each one can be handed back until its POST succeeded.
+            .sender_settle_mode(SenderSettleMode::Unsettled)
+            .max_message_size(broker.max_message_size)
             .attach(&mut lease.session)
             .await;
         let receiver = match attached {
@@ -81,17 +96,30 @@ impl AmqpLink {
                 return Err(e.into());
             }
         };
-        let advertised = receiver
-            .source()
-            .as_ref()
+        let source = receiver.source().as_ref();
+        let advertised = source
             .and_then(|s| s.outcomes.as_ref())
             .map(|outcomes| outcomes.0.as_slice());
-        let failure_outcome = choose_failure_outcome(policy, advertised);
-        Ok(Self {
+        let default_outcome = source.and_then(|s| s.default_outcome.as_ref());
+        let failure_outcome = choose_failure_outcome(policy, advertised, default_outcome);
+        let settle_mode = answered_sender_settle_mode(&receiver);
+        let mut link = Self {
             lease,
             receiver,
             failure_outcome,
-        })
+        };
+        if let Err(e) = check_sender_settle_mode(settle_mode) {
+            // Detach, not close: a durable subscription and its messages stay on the broker.
+            link.detach().await;
+            return Err(e);
+        }
+        // From here fe2o3 tops the credit up to `prefetch` as messages are settled.
+        link.receiver.set_credit_mode(CreditMode::Auto(prefetch));
+        if let Err(e) = link.set_credit(prefetch).await {
+            link.abandon().await;
+            return Err(e);
+        }
+        Ok(link)
     }
 
     /// Sets the link credit: 0 stops the broker sending while the breaker is open.
@@ -122,6 +150,10 @@ impl AmqpLink {
             Err(RecvError::MessageDecode(e)) => Ok(Incoming::Undecodable {
                 delivery: e.info,
                 reason: e.source.to_string(),
+            }),
+            Err(RecvError::MessageSizeExceeded(e)) => Err(LinkError::MessageTooLarge {
+                size: e.size,
+                max: e.max_size,
             }),
             Err(e) => Err(e.into()),
         }
@@ -216,5 +248,93 @@ impl AmqpLink {
         } = self;
         drop(receiver);
         lease.end().await;
+    }
+}
+
+/// The sender settle mode of the broker's attach answer, `None` when it cannot be read.
+/// fe2o3-amqp 0.18 stores the answer's mode in the receiver's link but offers no accessor, so
+/// it is read from the receiver's `Debug` output, where the link prints it as
+/// `snd_settle_mode: <Mode>`. A test below pins that format against the fe2o3 in `Cargo.lock`,
+/// so an upgrade that changes it fails the test rather than silently skipping the check.
+fn answered_sender_settle_mode(receiver: &Receiver) -> Option<SenderSettleMode> {
+    let shown = format!("{receiver:?}");
+    let (_, rest) = shown.split_once("snd_settle_mode: ")?;
+    let mode: String = rest.chars().take_while(char::is_ascii_alphabetic).collect();
+    match mode.as_str() {
+        "Unsettled" => Some(SenderSettleMode::Unsettled),
+        "Settled" => Some(SenderSettleMode::Settled),
+        "Mixed" => Some(SenderSettleMode::Mixed),
+        _ => None,
+    }
+}
+
+/// Refuses a link the broker would pre-settle: a pre-settled message is gone from the broker
+/// when it arrives, so `released`, `modified` and `rejected` become silent no-ops and a failed
+/// POST loses the message.
+fn check_sender_settle_mode(mode: Option<SenderSettleMode>) -> Result<(), LinkError> {
+    match mode {
+        Some(SenderSettleMode::Unsettled) => Ok(()),
+        Some(SenderSettleMode::Settled) => Err(LinkError::PreSettled),
+        Some(SenderSettleMode::Mixed) => {
+            // Allowed to pre-settle some messages; brokers answer `mixed` when they accept the
+            // client's choice loosely, and fe2o3 does not say which transfers came settled.
+            tracing::warn!(
+                "the broker answered snd-settle-mode `mixed` to a request for `unsettled`: messages it sends pre-settled cannot be handed back"
+            );
+            Ok(())
+        }
+        None => {
+            tracing::warn!("cannot read the broker's snd-settle-mode from the attach answer");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fe2o3_amqp::{Connection, Session};
+    use hot_potato_testkit::peer::{Peer, PeerConfig};
+
+    /// The in-memory peer echoes the mode the client asks for, so each mode fe2o3 can be
+    /// answered with is read back from the receiver.
+    #[tokio::test]
+    async fn the_answered_settle_mode_is_read_from_the_receiver() {
+        let peer = Peer::start(PeerConfig::default());
+        let mut connection = Connection::builder()
+            .container_id("settle-mode-test")
+            .open_with_stream(peer.dial())
+            .await
+            .expect("open");
+        let mut session = Session::begin(&mut connection).await.expect("begin");
+        for mode in [
+            SenderSettleMode::Unsettled,
+            SenderSettleMode::Settled,
+            SenderSettleMode::Mixed,
+        ] {
+            let receiver = Receiver::builder()
+                .name(format!("link-{mode:?}"))
+                .source("q")
+                .sender_settle_mode(mode.clone())
+                .attach(&mut session)
+                .await
+                .expect("attach");
+            assert_eq!(answered_sender_settle_mode(&receiver), Some(mode));
+            receiver.close().await.expect("close");
+        }
+        session.end().await.expect("end");
+        connection.close().await.expect("close");
+    }
+
+    #[test]
+    fn only_a_pre_settling_broker_is_refused() {
+        assert!(check_sender_settle_mode(Some(SenderSettleMode::Unsettled)).is_ok());
+        assert!(check_sender_settle_mode(Some(SenderSettleMode::Mixed)).is_ok());
+        assert!(check_sender_settle_mode(None).is_ok());
+        let refused = check_sender_settle_mode(Some(SenderSettleMode::Settled))
+            .expect_err("pre-settled is refused")
+            .to_string();
+        assert!(refused.contains("pre-settled"), "{refused}");
+        assert!(refused.contains("lost"), "{refused}");
     }
 }

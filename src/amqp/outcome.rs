@@ -1,6 +1,7 @@
 //! What the broker is told about one delivery ([`Disposition`]), and which failure outcome a
 //! link uses, chosen from what the broker advertised at attach.
 
+use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::types::primitives::Symbol;
 
 use crate::enrollment::outcome::{FailureOutcome, FailureOutcomePolicy};
@@ -21,38 +22,45 @@ pub enum Disposition {
     Modify,
 }
 
-/// Picks the failure outcome from the policy and the `outcomes` of the broker's source.
+/// Picks the failure outcome from the policy and what the broker's source answered at attach:
+/// its `outcomes` list and its `default-outcome`.
 ///
-/// An empty or absent list means the broker supports every outcome (AMQP 1.0 §3.5.3), so
-/// `modified` is used; a list without `amqp:modified:list` (RabbitMQ 3.x, which ends the whole
-/// session on a `modified`) gets `released`.
+/// The spec (AMQP 1.0 §3.5.3) only promises the default outcome; an absent or empty `outcomes`
+/// list does not promise `modified`, and RabbitMQ 3.x ends the whole session on a `modified`
+/// it does not support. So `auto` uses `modified` only when the broker says it takes it: listed
+/// in `outcomes`, or named as the `default-outcome`. Everything else gets `released`, which
+/// every broker takes.
 pub fn choose_failure_outcome(
     policy: FailureOutcomePolicy,
     advertised: Option<&[Symbol]>,
+    default_outcome: Option<&Outcome>,
 ) -> FailureOutcome {
     match policy {
         FailureOutcomePolicy::Released => FailureOutcome::Released,
         FailureOutcomePolicy::Modified => FailureOutcome::Modified,
-        FailureOutcomePolicy::Auto => match advertised {
-            None | Some([]) => FailureOutcome::Modified,
-            Some(list) if list.iter().any(|s| s.as_str() == MODIFIED_OUTCOME) => {
+        FailureOutcomePolicy::Auto => {
+            let listed =
+                advertised.is_some_and(|list| list.iter().any(|s| s.as_str() == MODIFIED_OUTCOME));
+            if listed || matches!(default_outcome, Some(Outcome::Modified(_))) {
                 FailureOutcome::Modified
+            } else {
+                FailureOutcome::Released
             }
-            Some(_) => FailureOutcome::Released,
-        },
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fe2o3_amqp::types::messaging::{Modified, Released};
 
     fn syms(list: &[&str]) -> Vec<Symbol> {
         list.iter().map(|s| Symbol::from(*s)).collect()
     }
 
     #[test]
-    fn failure_outcome_follows_the_advertised_outcomes() {
+    fn failure_outcome_follows_the_advertised_outcomes_and_the_default() {
         use FailureOutcome as O;
         use FailureOutcomePolicy as P;
         let rabbit3 = syms(&[
@@ -66,21 +74,35 @@ mod tests {
             "amqp:released:list",
             "amqp:modified:list",
         ]);
-        let cases: [(P, Option<&[Symbol]>, O); 8] = [
-            (P::Auto, Some(&rabbit3), O::Released),
-            (P::Auto, Some(&full), O::Modified),
-            (P::Auto, None, O::Modified),
-            (P::Auto, Some(&[]), O::Modified),
-            (P::Released, Some(&full), O::Released),
-            (P::Released, None, O::Released),
-            (P::Modified, Some(&rabbit3), O::Modified),
-            (P::Modified, None, O::Modified),
+        let released = Outcome::Released(Released {});
+        let modified = Outcome::Modified(Modified {
+            delivery_failed: None,
+            undeliverable_here: None,
+            message_annotations: None,
+        });
+        /// Policy, advertised `outcomes`, `default-outcome`, and the choice.
+        type Case<'a> = (P, Option<&'a [Symbol]>, Option<&'a Outcome>, O);
+        let cases: [Case; 13] = [
+            (P::Auto, Some(&rabbit3), Some(&released), O::Released),
+            (P::Auto, Some(&rabbit3), None, O::Released),
+            (P::Auto, Some(&full), None, O::Modified),
+            (P::Auto, Some(&full), Some(&released), O::Modified),
+            // Nothing listed: only the default outcome is promised.
+            (P::Auto, None, None, O::Released),
+            (P::Auto, Some(&[]), None, O::Released),
+            (P::Auto, None, Some(&released), O::Released),
+            (P::Auto, None, Some(&modified), O::Modified),
+            (P::Auto, Some(&[]), Some(&modified), O::Modified),
+            (P::Released, Some(&full), Some(&modified), O::Released),
+            (P::Released, None, None, O::Released),
+            (P::Modified, Some(&rabbit3), Some(&released), O::Modified),
+            (P::Modified, None, None, O::Modified),
         ];
-        for (policy, advertised, want) in cases {
+        for (policy, advertised, default_outcome, want) in cases {
             assert_eq!(
-                choose_failure_outcome(policy, advertised),
+                choose_failure_outcome(policy, advertised, default_outcome),
                 want,
-                "{policy:?} {advertised:?}"
+                "{policy:?} {advertised:?} {default_outcome:?}"
             );
         }
     }

@@ -147,6 +147,28 @@ fn validate_target_url(raw: &str) -> Result<(), EnrollmentError> {
 }
 
 impl SubscriptionArgs {
+    /// Reads `subscription_args` as the store holds it. An unknown key is an error, not
+    /// ignored: the API refuses unknown keys, so one in the store was written by a newer
+    /// version (or by hand), and every key here shapes what the link takes from the broker (a
+    /// selector, durability, capabilities). Attaching without it could consume messages that
+    /// were not meant for this target; not starting the enrollment loses nothing.
+    pub fn from_stored(text: &str) -> Result<Self, String> {
+        let value: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let Some(keys) = value.as_object() else {
+            return Err("not a JSON object".into());
+        };
+        if let Some(unknown) = keys
+            .keys()
+            .find(|k| !SUBSCRIPTION_KEYS.contains(&k.as_str()))
+        {
+            return Err(format!(
+                "unknown key `{unknown}`; understood keys: {}",
+                SUBSCRIPTION_KEYS.join(", ")
+            ));
+        }
+        serde_json::from_value(value).map_err(|e| e.to_string())
+    }
+
     fn from_json(mut args: Map<String, Value>) -> Result<Self, EnrollmentError> {
         if let Some(unknown) = args
             .keys()
@@ -254,6 +276,34 @@ mod tests {
         let bare = NewEnrollment::from_json(json!({"queue": "q", "target_url": "https://x.test"}))
             .expect("valid");
         assert_eq!(bare.subscription_args, SubscriptionArgs::default());
+    }
+
+    #[test]
+    fn stored_subscription_args_are_read_strictly() {
+        let args = SubscriptionArgs {
+            durable: Some(true),
+            selector: Some("a = 1".into()),
+            capabilities: Some(vec!["topic".into()]),
+            prefetch: Some(5),
+        };
+        let stored = serde_json::to_string(&args).expect("serialises");
+        assert_eq!(SubscriptionArgs::from_stored(&stored), Ok(args));
+        assert_eq!(
+            SubscriptionArgs::from_stored("{}"),
+            Ok(SubscriptionArgs::default())
+        );
+        for bad in [
+            r#"{"shared": true}"#,
+            r#"{"prefetch": "x"}"#,
+            "[]",
+            "not json",
+        ] {
+            let err = SubscriptionArgs::from_stored(bad).expect_err(bad);
+            assert!(!err.is_empty(), "{bad}");
+        }
+        let unknown = SubscriptionArgs::from_stored(r#"{"durable": true, "shared": true}"#)
+            .expect_err("unknown key");
+        assert!(unknown.contains("`shared`"), "{unknown}");
     }
 
     #[test]

@@ -16,13 +16,44 @@ pub use sqlite::SqliteStore;
 /// What a store call returns: boxed so the fleet can hold any store as `dyn EnrollmentStore`.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
+/// One stored enrollment as loaded. A row whose settings cannot be read still loads, so that
+/// one row never stops the daemon from starting: it carries default settings and the reason,
+/// and must be listed as stopped, never run (its defaults are not what was asked for).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEnrollment {
+    pub enrollment: Enrollment,
+    /// Why the stored `delivery` or `subscription_args` could not be read (written by a newer
+    /// version, or edited by hand); `None` for a row read in full.
+    pub unreadable: Option<String>,
+}
+
 /// The durable home of the enrollment map. Every write is committed before it resolves: the
 /// API confirms a change only after its store call returned `Ok`.
 pub trait EnrollmentStore: Send + Sync + 'static {
     /// What and where the store is, for logs (no credentials).
     fn describe(&self) -> String;
-    /// Every stored enrollment, oldest first.
-    fn load_all(&self) -> StoreFuture<'_, Vec<Enrollment>>;
+    /// Every stored enrollment, oldest first, each row on its own: a row whose settings cannot
+    /// be read comes back marked [`StoredEnrollment::unreadable`] instead of failing the load.
+    fn load_stored(&self) -> StoreFuture<'_, Vec<StoredEnrollment>>;
+    /// Every stored enrollment, oldest first; fails with [`StoreError::Corrupt`] on the first
+    /// row whose settings cannot be read. For callers that cannot list an unreadable row;
+    /// the fleet's start uses [`EnrollmentStore::load_stored`].
+    fn load_all(&self) -> StoreFuture<'_, Vec<Enrollment>> {
+        let stored = self.load_stored();
+        Box::pin(async move {
+            stored
+                .await?
+                .into_iter()
+                .map(|row| match row.unreadable {
+                    None => Ok(row.enrollment),
+                    Some(reason) => Err(StoreError::Corrupt {
+                        id: row.enrollment.id.to_string(),
+                        reason,
+                    }),
+                })
+                .collect()
+        })
+    }
     /// Commits a new enrollment.
     fn insert(&self, enrollment: Enrollment) -> StoreFuture<'_, ()>;
     /// Records whether an enrollment is paused.

@@ -143,7 +143,7 @@ impl Metrics {
         let redeliveries = Counter::default();
         registry.register(
             "redeliveries",
-            "Messages received that the broker had delivered before (delivery count > 0 or not first acquirer)",
+            "Messages received with a delivery count above 0 (the broker counted an earlier failed delivery)",
             redeliveries.clone(),
         );
         let post_duration = Histogram::new(exponential_buckets(0.000_5, 2.0, 16));
@@ -213,6 +213,29 @@ impl Metrics {
             enrollment_id: self.enrollment_label(id),
             deliveries: Default::default(),
             attempts: Default::default(),
+        }
+    }
+
+    /// Removes every series labelled with enrollment `id` (on DELETE), so a deleted
+    /// enrollment's counters leave `/metrics` instead of being exported for ever. Call it once
+    /// the enrollment's worker has exited: handles a running worker already holds then count
+    /// into nothing, but its first event of a kind not seen yet would create a series again.
+    /// Without per-enrollment labels there is nothing to remove.
+    pub fn forget_enrollment(&self, id: Uuid) {
+        let Some(label) = self.enrollment_label(id) else {
+            return;
+        };
+        for outcome in OUTCOMES {
+            self.inner.deliveries.remove(&DeliveryLabels {
+                outcome: outcome.as_str(),
+                enrollment_id: Some(label.clone()),
+            });
+        }
+        for status_class in STATUS_CLASSES {
+            self.inner.post_attempts.remove(&AttemptLabels {
+                status_class,
+                enrollment_id: Some(label.clone()),
+            });
         }
     }
 
@@ -349,6 +372,43 @@ mod tests {
         let fleet = Metrics::new(false);
         fleet.for_enrollment(id).delivery(OutcomeLabel::Dropped);
         assert!(!fleet.render(&[]).contains(&id.to_string()));
+    }
+
+    #[test]
+    fn forgetting_an_enrollment_removes_its_series_only() {
+        let m = Metrics::new(true);
+        let (gone, kept) = (Uuid::new_v4(), Uuid::new_v4());
+        for id in [gone, kept] {
+            let e = m.for_enrollment(id);
+            e.delivery(OutcomeLabel::Accepted);
+            e.delivery(OutcomeLabel::HandedBack);
+            e.delivery(OutcomeLabel::Modified);
+            e.post_attempt(status_class(Some(200), false), Duration::from_millis(1));
+            e.post_attempt(status_class(None, true), Duration::from_millis(1));
+        }
+        assert!(m.render(&[]).contains(&gone.to_string()));
+        m.forget_enrollment(gone);
+        let text = m.render(&[]);
+        assert!(
+            !text.lines().any(|l| l.contains(&gone.to_string())),
+            "{text}"
+        );
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.contains(&kept.to_string()))
+                .count(),
+            5,
+            "{text}"
+        );
+        // Without the label there is nothing to forget, and nothing breaks.
+        let fleet = Metrics::new(false);
+        fleet.for_enrollment(gone).delivery(OutcomeLabel::Accepted);
+        fleet.forget_enrollment(gone);
+        let text = fleet.render(&[]);
+        assert!(
+            text.contains("hot_potato_deliveries_total{outcome=\"accepted\""),
+            "{text}"
+        );
     }
 
     #[test]
