@@ -143,6 +143,12 @@ async fn a_message_over_the_size_limit_fails_the_link_and_stays_on_the_broker() 
     peer.wait_until(WAIT, |p| p.queued("q") == 1)
         .await
         .expect("the message is back in its queue");
+    // The vendored fe2o3-amqp detaches without closing (vendor/fe2o3-amqp/PATCHES.md, 3).
+    let detaches = peer.detaches();
+    assert!(
+        !detaches.is_empty() && detaches.iter().all(|d| !d.closed),
+        "one big message must not close a durable subscription: {detaches:?}"
+    );
 }
 
 /// A broker that answers the attach with `snd-settle-mode = settled` is refused before it

@@ -14,7 +14,7 @@ use crate::enrollment::status::now_rfc3339;
 use crate::enrollment::target::TargetAllowlist;
 use crate::fleet::supervisor::{Supervisor, WorkerExit};
 use crate::pipeline::link::{AmqpOpener, LinkOpener};
-use crate::store::{EnrollmentStore, StoreError};
+use crate::store::{EnrollmentStore, StoreError, StoredEnrollment};
 use crate::telemetry::events::{Connecting, StatusEvent, WorkerRefused, WorkerStopped};
 
 /// How long pause waits for the worker to finish its in-flight POSTs and detach.
@@ -47,6 +47,9 @@ struct Inner<O> {
     allowlist: TargetAllowlist,
     /// The read path. A std lock: held only for map operations, never across `.await`.
     map: RwLock<HashMap<Uuid, Arc<LiveEnrollment>>>,
+    /// Enrollments whose stored settings could not be read at start, with the reason: listed
+    /// as stopped and never started. Fixed after load, so no lock.
+    unreadable: HashMap<Uuid, String>,
     /// Serialises create/delete end to end (disk, map, worker) so concurrent requests for the
     /// same pair or id cannot interleave.
     writes: tokio::sync::Mutex<()>,
@@ -61,17 +64,30 @@ impl<O: LinkOpener> Registry<O> {
         defaults: DeliveryDefaults,
         allowlist: TargetAllowlist,
     ) -> Result<Self, StoreError> {
-        let stored = store.load_all().await?;
+        let stored = store.load_stored().await?;
         let mut map = HashMap::with_capacity(stored.len());
-        for enrollment in stored {
+        let mut unreadable = HashMap::new();
+        for StoredEnrollment {
+            enrollment,
+            unreadable: reason,
+        } in stored
+        {
             let paused = enrollment.paused;
             let entry = Arc::new(LiveEnrollment::new(enrollment, &defaults));
-            match check_target(&allowlist, &entry.enrollment.target_url) {
+            let id = entry.enrollment.id;
+            let admitted = match reason {
+                Some(reason) => {
+                    unreadable.insert(id, reason.clone());
+                    Err(reason)
+                }
+                None => check_target(&allowlist, &entry.enrollment.target_url),
+            };
+            match admitted {
                 Ok(()) if paused => WorkerStopped { paused }.emit(&entry.status),
                 Ok(()) => supervisor.start(Arc::clone(&entry)),
                 Err(reason) => WorkerRefused { reason: &reason }.emit(&entry.status),
             }
-            map.insert(entry.enrollment.id, entry);
+            map.insert(id, entry);
         }
         tracing::info!(count = map.len(), "loaded enrollments");
         Ok(Self {
@@ -81,6 +97,7 @@ impl<O: LinkOpener> Registry<O> {
                 defaults,
                 allowlist,
                 map: RwLock::new(map),
+                unreadable,
                 writes: tokio::sync::Mutex::new(()),
             }),
         })
@@ -130,6 +147,15 @@ impl<O: LinkOpener> Registry<O> {
 
     pub fn store(&self) -> &dyn EnrollmentStore {
         self.inner.store.as_ref()
+    }
+
+    /// Whether a stored enrollment may run: its settings were readable and the target is
+    /// admitted.
+    fn admit(&self, entry: &LiveEnrollment) -> Result<(), String> {
+        if let Some(reason) = self.inner.unreadable.get(&entry.enrollment.id) {
+            return Err(reason.clone());
+        }
+        check_target(&self.inner.allowlist, &entry.enrollment.target_url)
     }
 
     /// Whether `TARGET_ALLOWLIST` and the guarded ranges admit `target_url`.
@@ -192,7 +218,7 @@ impl<O: LinkOpener> Registry<O> {
                 tracing::info!(enrollment_id = %id, "paused");
                 Some(self.inner.supervisor.stop(id))
             } else {
-                match check_target(&self.inner.allowlist, &entry.enrollment.target_url) {
+                match self.admit(&entry) {
                     Ok(()) => {
                         Connecting.emit(&entry.status);
                         self.inner.supervisor.start(Arc::clone(&entry));

@@ -140,16 +140,26 @@ impl<O: LinkOpener> Supervisor<O> {
     /// Tells the worker of `id` to hand back what it holds, close its link and exit.
     pub fn remove(&self, id: Uuid) -> WorkerExit {
         let handle = self.workers().remove(&id);
+        let metrics = self.inner.ctx.metrics.clone();
         match handle {
             Some(h) => {
                 h.signals.remove.cancel();
                 h.signals.abandon.cancel();
                 h.signals.stop.cancel();
+                // Only after the worker's last event, so no late event creates a series again.
+                let finished = h.finished.clone();
+                self.inner.tracker.spawn(async move {
+                    finished.cancelled().await;
+                    metrics.forget_enrollment(id);
+                });
                 WorkerExit {
                     finished: Some(h.finished),
                 }
             }
-            None => WorkerExit { finished: None },
+            None => {
+                metrics.forget_enrollment(id);
+                WorkerExit { finished: None }
+            }
         }
     }
 

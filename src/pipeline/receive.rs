@@ -67,6 +67,8 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
     let mut deliveries: HashMap<tokio::task::Id, L::Delivery> = HashMap::new();
     let mut breaker = dispatcher.breaker.subscribe();
     let mut credit = CreditFollower::new(credit, granted);
+    // Whether this broker sets `first-acquirer` (see `request_for`).
+    let mut sets_first_acquirer = false;
     let state = dispatcher.breaker.state();
     telemetry.emit_status(BreakerChanged(state));
     if let Err(e) = credit.follow(link, state, 0).await {
@@ -135,7 +137,9 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                     Err(e) => break LinkEnd::Failed(e),
                 };
                 telemetry.emit(InFlightChanged(1));
-                let request = match catch(|| request_for(dispatcher, telemetry, &message)) {
+                let request = match catch(|| {
+                    request_for(dispatcher, telemetry, &message, &mut sets_first_acquirer)
+                }) {
                     Ok(request) => request,
                     Err(reason) => {
                         let outcome = panicked("mapping the message", reason);
@@ -226,10 +230,15 @@ fn request_for(
     dispatcher: &Dispatcher,
     telemetry: &EnrollmentTelemetry,
     message: &Message<Body<Value>>,
+    sets_first_acquirer: &mut bool,
 ) -> PushRequest {
-    let delivery_count = message.header.as_ref().map_or(0, |h| h.delivery_count);
-    // Only the count says "delivered before": brokers leave `first-acquirer` out (false).
-    if delivery_count > 0 {
+    let header = message.header.as_ref();
+    let delivery_count = header.map_or(0, |h| h.delivery_count);
+    let first_acquirer = header.is_some_and(|h| h.first_acquirer);
+    // `first-acquirer` defaults to false when a broker leaves it out, so a false one means a
+    // redelivery only from a broker seen setting it (RabbitMQ 3.10 does, with a count of 0).
+    *sets_first_acquirer |= first_acquirer;
+    if delivery_count > 0 || (*sets_first_acquirer && header.is_some() && !first_acquirer) {
         telemetry.emit(Redelivered);
     }
     PushRequest::from_message(message, dispatcher.enrollment_header(), delivery_count)

@@ -143,7 +143,7 @@ impl Metrics {
         let redeliveries = Counter::default();
         registry.register(
             "redeliveries",
-            "Messages received with a delivery count above 0 (the broker counted an earlier failed delivery)",
+            "Messages the broker had delivered before: a delivery count above 0, or first-acquirer false from a broker seen setting it",
             redeliveries.clone(),
         );
         let post_duration = Histogram::new(exponential_buckets(0.000_5, 2.0, 16));

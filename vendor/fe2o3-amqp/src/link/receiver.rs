@@ -1170,7 +1170,9 @@ where
             Some(error.to_string()),
             None,
         );
-        self.close_with_error(Some(detach_error)).await?;
+        // hot-potato patch: detach, not close; closing would delete a durable subscription
+        // because of one bad transfer.
+        self.detach_with_error(Some(detach_error)).await?;
         Err(error.into())
     }
 
@@ -1301,7 +1303,9 @@ where
             )),
             None,
         );
-        match self.close_with_error(Some(error)).await {
+        // hot-potato patch: detach, not close; closing would delete a durable subscription
+        // because of one message over the size limit.
+        match self.detach_with_error(Some(error)).await {
             Ok(()) => RecvError::MessageSizeExceeded(MessageSizeExceeded {
                 size: total_size,
                 max_size,
