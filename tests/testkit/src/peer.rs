@@ -15,7 +15,7 @@
 //! - [`Peer::send`] queues a message ([`TestMessage`] builds simple ones).
 //! - The frame log: [`Peer::frames`] and its filters, [`Peer::wait_for`] /
 //!   [`Peer::wait_until`] (always bounded); what happened to each delivered message:
-//!   [`Peer::settled`].
+//!   [`Peer::settled`]; the transfers the peer itself sent: [`Peer::sent`].
 //! - Faults: [`Peer::arm`] a [`Fault`] for a later client action; act now with
 //!   [`Peer::kill_connections`], [`Peer::end_sessions`], [`Peer::close_connections`],
 //!   [`Peer::detach_links`].
@@ -343,6 +343,34 @@ pub struct Settled {
     pub at: Instant,
 }
 
+/// A delivery the peer sent on a client receiver link: where it went and under which
+/// delivery id, so a test can check the client's dispositions against what it was actually
+/// given (a disposition for an id never sent, or for one settled before). Kept with the frame
+/// log: not recorded when [`PeerConfig::log_frames`] is off, emptied by
+/// [`Peer::clear_frames`].
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// When the peer sent it.
+    pub at: Instant,
+    /// The connection, numbered as in [`ClientFrame::connection`].
+    pub connection: u64,
+    /// The client's channel of the session (the channel of the client's frames for it, as
+    /// in [`ClientFrame::channel`]).
+    pub channel: u16,
+    /// The client's handle of the link.
+    pub handle: u32,
+    /// The session's delivery id.
+    pub delivery_id: u32,
+    /// The address (queue) it came from.
+    pub address: String,
+    /// The message as it was queued.
+    pub message: PeerMessage,
+    /// Its delivery count (0 the first time).
+    pub delivery_count: u32,
+    /// Sent settled (the client attached with `snd-settle-mode settled`).
+    pub settled: bool,
+}
+
 /// A queued message and the number of times it was delivered and failed.
 #[derive(Debug, Clone)]
 pub(crate) struct Queued {
@@ -475,6 +503,7 @@ impl ClientFrame {
 #[derive(Default)]
 pub(crate) struct State {
     frames: Vec<ClientFrame>,
+    sent: Vec<Sent>,
     queues: HashMap<String, VecDeque<Queued>>,
     settled: Vec<Settled>,
     /// Armed faults and whether each stays armed after it fired.
@@ -522,6 +551,15 @@ impl Shared {
             channel,
             body,
         });
+        bump(&self.events);
+    }
+
+    /// Records a delivery the peer sent (with the frame log, when it is on).
+    pub fn log_sent(&self, sent: Sent) {
+        if !self.config.log_frames {
+            return;
+        }
+        self.state().sent.push(sent);
         bump(&self.events);
     }
 
@@ -709,9 +747,16 @@ impl Peer {
         self.shared.state().frames.clone()
     }
 
-    /// Empties the frame log.
+    /// Every delivery the peer sent on a client receiver link, in order (see [`Sent`]).
+    pub fn sent(&self) -> Vec<Sent> {
+        self.shared.state().sent.clone()
+    }
+
+    /// Empties the frame log (and the log of [`Peer::sent`] deliveries).
     pub fn clear_frames(&self) {
-        self.shared.state().frames.clear();
+        let mut state = self.shared.state();
+        state.frames.clear();
+        state.sent.clear();
     }
 
     fn collect<T: Clone>(&self, pick: impl Fn(&ClientFrame) -> Option<&T>) -> Vec<T> {

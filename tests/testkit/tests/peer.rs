@@ -791,3 +791,77 @@ async fn peer_detaches_a_link() -> anyhow::Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn sent_deliveries_are_logged_with_their_session_and_delivery_id() -> anyhow::Result<()> {
+    bounded(async {
+        let peer = Peer::start(PeerConfig::default());
+        peer.send("q", TestMessage::text("a").id("m1"));
+        peer.send("q", TestMessage::text("b").id("m2"));
+        let (mut connection, mut session) = connect(&peer).await?;
+        let mut receiver = attach(&mut session, "sent-log", "q", 5).await?;
+        let first: Delivery<Body<Value>> = receiver.recv().await?;
+        let second: Delivery<Body<Value>> = receiver.recv().await?;
+        receiver
+            .modify(
+                &first,
+                Modified {
+                    delivery_failed: Some(true),
+                    undeliverable_here: None,
+                    message_annotations: None,
+                },
+            )
+            .await?;
+        let again: Delivery<Body<Value>> = receiver.recv().await?;
+        receiver.accept(&second).await?;
+        receiver.accept(&again).await?;
+
+        let sent = peer.sent();
+        let logged: Vec<(u64, u16, u32, String, u32, bool)> = sent
+            .iter()
+            .map(|s| {
+                let id = match s
+                    .message
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.message_id.clone())
+                {
+                    Some(MessageId::String(id)) => id,
+                    other => format!("{other:?}"),
+                };
+                (
+                    s.connection,
+                    s.channel,
+                    s.delivery_id,
+                    id,
+                    s.delivery_count,
+                    s.settled,
+                )
+            })
+            .collect();
+        assert_eq!(
+            logged,
+            vec![
+                (1, 0, 0, "m1".to_string(), 0, false),
+                (1, 0, 1, "m2".to_string(), 0, false),
+                (1, 0, 2, "m1".to_string(), 1, false),
+            ]
+        );
+        // The ids are the client's: what its dispositions name.
+        let received: Vec<u32> = [&first, &second, &again]
+            .iter()
+            .map(|d| *d.delivery_id())
+            .collect();
+        assert_eq!(received, [0, 1, 2]);
+        assert!(sent.iter().all(|s| s.address == "q" && s.handle == 0));
+
+        peer.clear_frames();
+        assert!(peer.sent().is_empty(), "cleared with the frame log");
+
+        receiver.close().await?;
+        session.end().await?;
+        connection.close().await?;
+        Ok(())
+    })
+    .await
+}

@@ -31,7 +31,8 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::codec::{self, Cut};
 use super::{
-    Delay, Fault, FrameBody, Queued, Settled, Shared, SourceAnswer, apply_outcome, default_state,
+    Delay, Fault, FrameBody, Queued, Sent, Settled, Shared, SourceAnswer, apply_outcome,
+    default_state,
 };
 
 /// Session windows the peer advertises (incoming and outgoing).
@@ -966,7 +967,7 @@ impl Conn {
             return;
         }
         let max_frame = self.remote_max_frame;
-        for session in self.sessions.values_mut() {
+        for (client_channel, session) in self.sessions.iter_mut() {
             if session.ending {
                 continue;
             }
@@ -1001,6 +1002,17 @@ impl Conn {
                     link.delivery_count = link.delivery_count.wrapping_add(1);
                     link.credit -= 1;
                     link.next_tag = link.next_tag.wrapping_add(1);
+                    self.shared.log_sent(Sent {
+                        at: Instant::now(),
+                        connection: self.id,
+                        channel: *client_channel,
+                        handle: *client_handle,
+                        delivery_id,
+                        address: link.address.clone(),
+                        message: queued.message.clone(),
+                        delivery_count: queued.delivery_count,
+                        settled: link.send_settled,
+                    });
                     if !link.send_settled {
                         session.unsettled.insert(
                             delivery_id,
