@@ -17,7 +17,13 @@ use hot_potato::pipeline::settle::disposition;
 use reqwest::header::HeaderValue;
 
 fn main() {
-    divan::main();
+    // `cargo bench` passes `--bench`; under `cargo test` (which may pass libtest flags such as
+    // `--test-threads` that divan does not know) each benchmark runs once, as a smoke test.
+    if std::env::args().any(|a| a == "--bench") {
+        divan::main();
+    } else {
+        divan::Divan::default().test_benches();
+    }
 }
 
 /// A 256-byte Data message with the properties a typical producer sets.
