@@ -523,6 +523,7 @@ async fn start(case: &Case) -> Running {
         connect_timeout: WAIT,
         pool: case.pooled.then(|| ConnectionPool::new(1)),
         dialer: Dialer::Stream(Arc::new(move || dial.dial())),
+        max_message_size: config.amqp_max_message_bytes,
     });
     let ctx = WorkerContext {
         opener: Arc::new(AmqpOpener {
