@@ -1,11 +1,17 @@
 //! Micro-benchmarks of the pure functions every message goes through, so a refactor that
-//! slows one shows: message → POST request, the verdict on an answer, the settlement table,
-//! and the Standard Webhooks signature. `cargo bench --bench hot_path`; under `cargo test`
+//! slows one shows: the depth check before decoding (beside the decoding it guards),
+//! message → POST request, the verdict on an answer, the settlement table, and the Standard
+//! Webhooks signature. `cargo bench --bench hot_path`; under `cargo test`
 //! each runs once.
 
 use divan::{Bencher, black_box};
-use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Data, Message, Properties};
+use fe2o3_amqp::types::messaging::message::__private::Serializable;
+use fe2o3_amqp::types::messaging::message::DecodeIntoMessage;
+use fe2o3_amqp::types::messaging::{
+    AmqpValue, ApplicationProperties, Body, Data, Message, Properties,
+};
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Value};
+use hot_potato::amqp::depth;
 use hot_potato::config::Config;
 use hot_potato::delivery::dispatcher::DeliveryOutcome;
 use hot_potato::delivery::request::PushRequest;
@@ -46,6 +52,57 @@ fn message() -> Message<Body<Value>> {
         body: Body::Data(vec![Data(Binary::from(vec![b'x'; 256]))].into()),
         footer: None,
     }
+}
+
+/// A message whose body is an AMQP map of a dozen mixed entries, a list among them, about
+/// 256 bytes encoded: more values to walk than a Data body.
+fn value_message() -> Message<Body<Value>> {
+    let mut map = fe2o3_amqp::types::primitives::OrderedMap::new();
+    for i in 0..10 {
+        map.insert(
+            Value::from(format!("field-{i}")),
+            Value::from(format!("value {i:04}")),
+        );
+    }
+    map.insert(Value::from("count"), Value::Long(42));
+    map.insert(
+        Value::from("tags"),
+        Value::List(vec![Value::from("a"), Value::from("b"), Value::Bool(true)]),
+    );
+    Message {
+        body: Body::Value(AmqpValue(Value::Map(map))),
+        ..message()
+    }
+}
+
+/// The transfer payload of [`message`] (`"data"`) or [`value_message`] (`"value"`).
+fn payload(body: &str) -> Vec<u8> {
+    let message = match body {
+        "data" => message(),
+        _ => value_message(),
+    };
+    serde_amqp::to_vec(&Serializable(message)).expect("encodes")
+}
+
+#[divan::bench(args = ["data", "value"])]
+fn depth_check(bencher: Bencher, body: &str) {
+    let payload = payload(body);
+    bencher
+        .counter(divan::counter::BytesCount::new(payload.len()))
+        .bench(|| depth::check_payload(black_box(&[payload.as_slice()])));
+}
+
+/// What the depth check guards, for scale: decoding the same payload.
+#[divan::bench(args = ["data", "value"])]
+fn decode(bencher: Bencher, body: &str) {
+    let payload = payload(body);
+    bencher
+        .counter(divan::counter::BytesCount::new(payload.len()))
+        .bench(|| {
+            <Body<Value> as DecodeIntoMessage>::decode_message_from_reader(
+                serde_amqp::read::SliceReader::new(black_box(&payload)),
+            )
+        });
 }
 
 #[divan::bench]

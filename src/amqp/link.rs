@@ -23,6 +23,7 @@ use fe2o3_amqp::types::messaging::{Body, Message, Modified};
 use fe2o3_amqp::types::primitives::Value;
 
 use crate::amqp::connection::{BrokerSettings, SessionLease};
+use crate::amqp::depth;
 use crate::amqp::error::LinkError;
 use crate::amqp::outcome::{Disposition, choose_failure_outcome};
 use crate::amqp::source::{build_source, link_name};
@@ -89,13 +90,14 @@ impl AmqpLink {
             .max_message_size(broker.max_message_size)
             .attach(&mut lease.session)
             .await;
-        let receiver = match attached {
+        let mut receiver = match attached {
             Ok(receiver) => receiver,
             Err(e) => {
                 lease.end().await;
                 return Err(e.into());
             }
         };
+        receiver.set_payload_check(Some(depth::check_payload));
         let source = receiver.source().as_ref();
         let advertised = source
             .and_then(|s| s.outcomes.as_ref())
@@ -137,7 +139,9 @@ impl AmqpLink {
     /// Waits for the next message. Cancel-safe (fe2o3-amqp #22), so it may sit in `select!`.
     /// A message whose sections cannot be decoded is returned as [`Incoming::Undecodable`]
     /// with what is needed to settle it, rather than as a link error: reconnecting would
-    /// only bring it back.
+    /// only bring it back. So is one that [`depth::check_payload`] refused before decoding
+    /// (nested deeper than [`depth::MAX_DEPTH`], or not safe to decode), with its refusal
+    /// as the reason.
     pub async fn recv(&mut self) -> Result<Incoming<DeliveryInfo>, LinkError> {
         match self.receiver.recv::<Body<Value>>().await {
             Ok(delivery) => {
@@ -149,7 +153,11 @@ impl AmqpLink {
             }
             Err(RecvError::MessageDecode(e)) => Ok(Incoming::Undecodable {
                 delivery: e.info,
-                reason: e.source.to_string(),
+                reason: match e.source {
+                    // A refusal, or a decoder's own message, without serde_amqp's prefix.
+                    serde_amqp::Error::Message(message) => message,
+                    other => other.to_string(),
+                },
             }),
             Err(RecvError::MessageSizeExceeded(e)) => Err(LinkError::MessageTooLarge {
                 size: e.size,

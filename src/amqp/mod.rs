@@ -5,10 +5,12 @@
 //! - [`connection`]: opening connections and sessions; the pool.
 //! - [`source`]: link names and the source terminus.
 //! - [`link`]: the receiver link: attach, receive, settle, credit, detach, close.
+//! - [`depth`]: whether a payload is safe to decode: its nesting, walked without recursion.
 //! - [`outcome`]: dispositions and the failure-outcome choice.
 //! - [`error`]: the link error type.
 
 pub mod connection;
+pub mod depth;
 pub mod error;
 pub mod link;
 pub mod outcome;

@@ -255,6 +255,7 @@ where
             outgoing,
             incoming: incoming_rx,
             incomplete_transfer: None,
+            payload_check: None,
         };
 
         if let CreditMode::Auto(credit) = inner.credit_mode {

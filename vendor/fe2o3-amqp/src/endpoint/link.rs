@@ -234,12 +234,15 @@ pub(crate) trait ReceiverLink: Link + LinkExt {
 
     // More than one transfer frames should be hanlded by the
     // `Receiver`
+    // hot-potato patch: `refusal`, when set, replaces decoding the payload with a
+    // `MessageDecodeError` carrying it
     fn on_complete_transfer<'a, T, P>(
         &mut self,
         transfer: Transfer,
         payload: P,
         section_number: u32,
         section_offset: u64,
+        refusal: Option<String>,
     ) -> Result<Delivery<T>, Self::TransferError>
     where
         for<'de> T: FromBody<'de> + Send,

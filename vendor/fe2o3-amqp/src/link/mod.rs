@@ -15,7 +15,7 @@ use fe2o3_amqp_types::{
 pub use error::*;
 
 use parking_lot::RwLock;
-pub use receiver::{CreditMode, Receiver, ReceiverDisposer};
+pub use receiver::{CreditMode, PayloadCheck, Receiver, ReceiverDisposer};
 pub use sender::Sender;
 use serde_amqp::serialized_size;
 use tokio::sync::{mpsc, oneshot};
@@ -1062,6 +1062,7 @@ pub(crate) mod test_util {
             outgoing: outgoing_tx,
             incoming: incoming_rx,
             incomplete_transfer: None,
+            payload_check: None,
         };
         (inner, session_rx, outgoing_rx, incoming_tx)
     }

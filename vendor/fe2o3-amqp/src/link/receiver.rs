@@ -120,7 +120,19 @@ pub struct Receiver {
     pub(crate) inner: ReceiverInner<ReceiverLink<Target>>,
 }
 
+/// hot-potato patch: a check run on the payload of every complete delivery before it is
+/// decoded, given the payload as the frames it arrived in. A payload it refuses is not
+/// decoded: `recv` returns [`RecvError::MessageDecode`] for it, whose source is
+/// `serde_amqp::Error::Message` with the refusal, and the delivery can be settled as usual.
+pub type PayloadCheck = fn(&[&[u8]]) -> Result<(), String>;
+
 impl Receiver {
+    /// hot-potato patch: sets the check run on every payload before it is decoded (see
+    /// [`PayloadCheck`]); `None`, the default, decodes every payload as it comes.
+    pub fn set_payload_check(&mut self, check: Option<PayloadCheck>) {
+        self.inner.payload_check = check;
+    }
+
     /// Creates a builder for the [`Receiver`]
     pub fn builder(
     ) -> builder::Builder<role::ReceiverMarker, Target, WithoutName, WithoutSource, WithTarget>
@@ -843,6 +855,9 @@ pub(crate) struct ReceiverInner<L: endpoint::ReceiverLink> {
 
     // Wrap in a box to avoid clippy warning large_enum_variant on link acceptor's output
     pub(crate) incomplete_transfer: Option<Box<IncompleteTransfer>>,
+
+    // hot-potato patch: run on every complete payload before it is decoded
+    pub(crate) payload_check: Option<PayloadCheck>,
 }
 
 impl<L: endpoint::ReceiverLink> Drop for ReceiverInner<L> {
@@ -1214,6 +1229,11 @@ where
         Ok(())
     }
 
+    /// hot-potato patch: what the payload check says of a complete payload, if it refuses it.
+    fn refusal(&self, chunks: &[&[u8]]) -> Option<String> {
+        self.payload_check.and_then(|check| check(chunks).err())
+    }
+
     /// Complete a reassociated delivery that has no buffered chunks, leaving
     /// any other buffered delivery untouched.
     ///
@@ -1237,9 +1257,14 @@ where
         }
 
         let (section_number, section_offset) = count_number_of_sections_and_offset(&payload);
-        let delivery =
-            self.link
-                .on_complete_transfer(transfer, &payload, section_number, section_offset)?;
+        let refusal = self.refusal(&[&payload[..]]);
+        let delivery = self.link.on_complete_transfer(
+            transfer,
+            &payload,
+            section_number,
+            section_offset,
+            refusal,
+        )?;
 
         // Auto accept the message and leave settled to be determined based on rcv_settle_mode
         if self.auto_accept {
@@ -1333,8 +1358,17 @@ where
             }
 
             let (performative, buffer, section_number, section_offset) = incomplete.into_parts();
-            self.link
-                .on_complete_transfer(performative, buffer, section_number, section_offset)?
+            let refusal = match self.payload_check {
+                Some(_) => self.refusal(&buffer.iter().map(|b| &b[..]).collect::<Vec<_>>()),
+                None => None,
+            };
+            self.link.on_complete_transfer(
+                performative,
+                buffer,
+                section_number,
+                section_offset,
+                refusal,
+            )?
         } else {
             // A single-frame delivery is identified by its delivery-id/tag.
             if let Err(error) = ensure_delivery_identity(&transfer) {
@@ -1342,8 +1376,14 @@ where
             }
 
             let (section_number, section_offset) = count_number_of_sections_and_offset(&payload);
-            self.link
-                .on_complete_transfer(transfer, &payload, section_number, section_offset)?
+            let refusal = self.refusal(&[&payload[..]]);
+            self.link.on_complete_transfer(
+                transfer,
+                &payload,
+                section_number,
+                section_offset,
+                refusal,
+            )?
         };
 
         // Auto accept the message and leave settled to be determined based on rcv_settle_mode

@@ -135,6 +135,7 @@ where
         payload: P,
         section_number: u32,
         section_offset: u64,
+        refusal: Option<String>,
     ) -> Result<Delivery<T>, Self::TransferError>
     where
         for<'de> T: FromBody<'de> + Send,
@@ -163,7 +164,7 @@ where
         let (result, mode) = if settled_by_sender {
             // If the message is pre-settled, there is no need to
             // add to the unsettled map and no need to reply to the Sender
-            let result = T::decode_message_from_reader(payload.into_reader());
+            let result = decode_unless_refused::<T, P>(payload, refusal);
             (result, None)
         } else {
             // If the message is being sent settled by the sender, the value of this
@@ -182,7 +183,7 @@ where
                 None => None,
             };
 
-            let result = T::decode_message_from_reader(payload.into_reader());
+            let result = decode_unless_refused::<T, P>(payload, refusal);
 
             let state = DeliveryState::Received(Received {
                 section_number, // What is section number?
@@ -338,6 +339,21 @@ where
         let final_slice = &delivery_infos[prev_ind..];
         self.dispose_consecutive(writer, final_slice, settled, state, batchable)
             .await // cancel safe
+    }
+}
+
+/// hot-potato patch: decodes the payload, unless the receiver's payload check refused it.
+fn decode_unless_refused<'a, T, P>(
+    payload: P,
+    refusal: Option<String>,
+) -> Result<fe2o3_amqp_types::messaging::Message<T>, serde_amqp::Error>
+where
+    for<'de> T: FromBody<'de> + Send,
+    P: IntoReader<'a>,
+{
+    match refusal {
+        Some(reason) => Err(serde_amqp::Error::Message(reason)),
+        None => T::decode_message_from_reader(payload.into_reader()),
     }
 }
 
