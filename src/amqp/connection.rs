@@ -41,7 +41,7 @@ pub struct BrokerSettings {
     pub pool: Option<ConnectionPool>,
     pub dialer: Dialer,
     /// The receiver's `max-message-size` (`AMQP_MAX_MESSAGE_BYTES`): a bound on the memory
-    /// one message may take. See [`crate::amqp::link`] for what a larger message does.
+    /// one message may take. The link fails on a larger message, which stays on the broker.
     pub max_message_size: u64,
 }
 

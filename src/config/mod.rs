@@ -6,8 +6,11 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
 use url::Url;
+
+mod raw;
+
+use raw::RawConfig;
 
 use crate::enrollment::outcome::FailureOutcomePolicy;
 use crate::enrollment::policy::{DeliveryDefaults, RetryPolicy};
@@ -29,132 +32,6 @@ fn invalid(var: &'static str, reason: impl Into<String>) -> ConfigError {
         var,
         reason: reason.into(),
     }
-}
-
-/// Raw values as they come from the environment; field names are the variable names in
-/// lower case (envy's mapping), so renaming a field renames a public variable.
-#[derive(Debug, Deserialize)]
-struct RawConfig {
-    #[serde(default = "default_amqp_url")]
-    amqp_url: String,
-    #[serde(default = "default_http_host")]
-    http_host: String,
-    #[serde(default = "default_http_port")]
-    http_port: u16,
-    #[serde(default = "default_sqlite_path")]
-    sqlite_backup_path: PathBuf,
-    #[serde(default = "default_log_level")]
-    log_level: String,
-    #[serde(default)]
-    log_format: Option<String>,
-    #[serde(default = "default_delivery_timeout_ms")]
-    delivery_timeout_ms: u64,
-    #[serde(default = "default_shutdown_grace_ms")]
-    shutdown_grace_ms: u64,
-    #[serde(default)]
-    failure_outcome: Option<String>,
-    #[serde(default = "default_prefetch")]
-    default_prefetch: u32,
-    #[serde(default = "default_reconnect_min_ms")]
-    reconnect_min_ms: u64,
-    #[serde(default = "default_reconnect_max_ms")]
-    reconnect_max_ms: u64,
-    #[serde(default = "default_amqp_connect_timeout_ms")]
-    amqp_connect_timeout_ms: u64,
-    #[serde(default = "default_max_in_flight")]
-    delivery_max_in_flight: u32,
-    #[serde(default = "default_retry_max_attempts")]
-    retry_max_attempts: u32,
-    #[serde(default)]
-    retry_backoff: Option<String>,
-    #[serde(default = "default_retry_base_ms")]
-    retry_base_ms: u64,
-    #[serde(default = "default_retry_max_ms")]
-    retry_max_ms: u64,
-    #[serde(default = "default_true")]
-    retry_jitter: bool,
-    #[serde(default = "default_breaker_failure_threshold")]
-    breaker_failure_threshold: u32,
-    #[serde(default = "default_breaker_open_ms")]
-    breaker_open_ms: u64,
-    #[serde(default)]
-    target_allowlist: Option<String>,
-    #[serde(default)]
-    api_token: Option<String>,
-    #[serde(default)]
-    metrics_require_token: bool,
-    #[serde(default = "default_true")]
-    metrics_per_enrollment: bool,
-    #[serde(default)]
-    cors_origins: Option<String>,
-    #[serde(default = "default_api_rate_limit_per_min")]
-    api_rate_limit_per_min: u32,
-    #[serde(default)]
-    amqp_connection_pool: usize,
-    #[serde(default = "default_amqp_max_message_bytes")]
-    amqp_max_message_bytes: u64,
-}
-
-fn default_amqp_url() -> String {
-    "amqp://localhost:5672".into()
-}
-fn default_http_host() -> String {
-    "127.0.0.1".into()
-}
-fn default_http_port() -> u16 {
-    8080
-}
-fn default_sqlite_path() -> PathBuf {
-    "hotpotato.sqlite".into()
-}
-fn default_log_level() -> String {
-    "info".into()
-}
-fn default_delivery_timeout_ms() -> u64 {
-    10_000
-}
-fn default_shutdown_grace_ms() -> u64 {
-    10_000
-}
-fn default_prefetch() -> u32 {
-    200
-}
-fn default_reconnect_min_ms() -> u64 {
-    500
-}
-fn default_reconnect_max_ms() -> u64 {
-    30_000
-}
-fn default_amqp_connect_timeout_ms() -> u64 {
-    10_000
-}
-fn default_amqp_max_message_bytes() -> u64 {
-    64 * 1024 * 1024
-}
-
-fn default_max_in_flight() -> u32 {
-    1
-}
-fn default_retry_max_attempts() -> u32 {
-    5
-}
-fn default_retry_base_ms() -> u64 {
-    1_000
-}
-fn default_retry_max_ms() -> u64 {
-    30_000
-}
-fn default_api_rate_limit_per_min() -> u32 {
-    120
-}
-fn default_true() -> bool {
-    true
-}
-fn default_breaker_failure_threshold() -> u32 {
-    5
-}
-fn default_breaker_open_ms() -> u64 {
-    5_000
 }
 
 /// Largest `AMQP_CONNECTION_POOL`: sessions per connection are bounded by the broker's

@@ -1,0 +1,132 @@
+//! The environment as it comes, before validation: one field per variable (envy's mapping of
+//! the lower-cased name) and its default.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Raw values as they come from the environment; field names are the variable names in
+/// lower case (envy's mapping), so renaming a field renames a public variable.
+#[derive(Debug, Deserialize)]
+pub(super) struct RawConfig {
+    #[serde(default = "default_amqp_url")]
+    pub(super) amqp_url: String,
+    #[serde(default = "default_http_host")]
+    pub(super) http_host: String,
+    #[serde(default = "default_http_port")]
+    pub(super) http_port: u16,
+    #[serde(default = "default_sqlite_path")]
+    pub(super) sqlite_backup_path: PathBuf,
+    #[serde(default = "default_log_level")]
+    pub(super) log_level: String,
+    #[serde(default)]
+    pub(super) log_format: Option<String>,
+    #[serde(default = "default_delivery_timeout_ms")]
+    pub(super) delivery_timeout_ms: u64,
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub(super) shutdown_grace_ms: u64,
+    #[serde(default)]
+    pub(super) failure_outcome: Option<String>,
+    #[serde(default = "default_prefetch")]
+    pub(super) default_prefetch: u32,
+    #[serde(default = "default_reconnect_min_ms")]
+    pub(super) reconnect_min_ms: u64,
+    #[serde(default = "default_reconnect_max_ms")]
+    pub(super) reconnect_max_ms: u64,
+    #[serde(default = "default_amqp_connect_timeout_ms")]
+    pub(super) amqp_connect_timeout_ms: u64,
+    #[serde(default = "default_max_in_flight")]
+    pub(super) delivery_max_in_flight: u32,
+    #[serde(default = "default_retry_max_attempts")]
+    pub(super) retry_max_attempts: u32,
+    #[serde(default)]
+    pub(super) retry_backoff: Option<String>,
+    #[serde(default = "default_retry_base_ms")]
+    pub(super) retry_base_ms: u64,
+    #[serde(default = "default_retry_max_ms")]
+    pub(super) retry_max_ms: u64,
+    #[serde(default = "default_true")]
+    pub(super) retry_jitter: bool,
+    #[serde(default = "default_breaker_failure_threshold")]
+    pub(super) breaker_failure_threshold: u32,
+    #[serde(default = "default_breaker_open_ms")]
+    pub(super) breaker_open_ms: u64,
+    #[serde(default)]
+    pub(super) target_allowlist: Option<String>,
+    #[serde(default)]
+    pub(super) api_token: Option<String>,
+    #[serde(default)]
+    pub(super) metrics_require_token: bool,
+    #[serde(default = "default_true")]
+    pub(super) metrics_per_enrollment: bool,
+    #[serde(default)]
+    pub(super) cors_origins: Option<String>,
+    #[serde(default = "default_api_rate_limit_per_min")]
+    pub(super) api_rate_limit_per_min: u32,
+    #[serde(default)]
+    pub(super) amqp_connection_pool: usize,
+    #[serde(default = "default_amqp_max_message_bytes")]
+    pub(super) amqp_max_message_bytes: u64,
+}
+
+fn default_amqp_url() -> String {
+    "amqp://localhost:5672".into()
+}
+fn default_http_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_http_port() -> u16 {
+    8080
+}
+fn default_sqlite_path() -> PathBuf {
+    "hotpotato.sqlite".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_delivery_timeout_ms() -> u64 {
+    10_000
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+fn default_prefetch() -> u32 {
+    200
+}
+fn default_reconnect_min_ms() -> u64 {
+    500
+}
+fn default_reconnect_max_ms() -> u64 {
+    30_000
+}
+fn default_amqp_connect_timeout_ms() -> u64 {
+    10_000
+}
+fn default_amqp_max_message_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+
+fn default_max_in_flight() -> u32 {
+    1
+}
+fn default_retry_max_attempts() -> u32 {
+    5
+}
+fn default_retry_base_ms() -> u64 {
+    1_000
+}
+fn default_retry_max_ms() -> u64 {
+    30_000
+}
+fn default_api_rate_limit_per_min() -> u32 {
+    120
+}
+fn default_true() -> bool {
+    true
+}
+fn default_breaker_failure_threshold() -> u32 {
+    5
+}
+fn default_breaker_open_ms() -> u64 {
+    5_000
+}
