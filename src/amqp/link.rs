@@ -104,7 +104,8 @@ impl AmqpLink {
             .map(|outcomes| outcomes.0.as_slice());
         let default_outcome = source.and_then(|s| s.default_outcome.as_ref());
         let failure_outcome = choose_failure_outcome(policy, advertised, default_outcome);
-        let settle_mode = answered_sender_settle_mode(&receiver);
+        // The broker's answer (vendored fe2o3 patch 5 exposes it).
+        let settle_mode = receiver.snd_settle_mode();
         let mut link = Self {
             lease,
             receiver,
@@ -259,40 +260,19 @@ impl AmqpLink {
     }
 }
 
-/// The sender settle mode of the broker's attach answer, `None` when it cannot be read.
-/// fe2o3-amqp 0.18 stores the answer's mode in the receiver's link but offers no accessor, so
-/// it is read from the receiver's `Debug` output, where the link prints it as
-/// `snd_settle_mode: <Mode>`. A test below pins that format against the fe2o3 in `Cargo.lock`,
-/// so an upgrade that changes it fails the test rather than silently skipping the check.
-fn answered_sender_settle_mode(receiver: &Receiver) -> Option<SenderSettleMode> {
-    let shown = format!("{receiver:?}");
-    let (_, rest) = shown.split_once("snd_settle_mode: ")?;
-    let mode: String = rest.chars().take_while(char::is_ascii_alphabetic).collect();
-    match mode.as_str() {
-        "Unsettled" => Some(SenderSettleMode::Unsettled),
-        "Settled" => Some(SenderSettleMode::Settled),
-        "Mixed" => Some(SenderSettleMode::Mixed),
-        _ => None,
-    }
-}
-
 /// Refuses a link the broker would pre-settle: a pre-settled message is gone from the broker
 /// when it arrives, so `released`, `modified` and `rejected` become silent no-ops and a failed
 /// POST loses the message.
-fn check_sender_settle_mode(mode: Option<SenderSettleMode>) -> Result<(), LinkError> {
+fn check_sender_settle_mode(mode: SenderSettleMode) -> Result<(), LinkError> {
     match mode {
-        Some(SenderSettleMode::Unsettled) => Ok(()),
-        Some(SenderSettleMode::Settled) => Err(LinkError::PreSettled),
-        Some(SenderSettleMode::Mixed) => {
+        SenderSettleMode::Unsettled => Ok(()),
+        SenderSettleMode::Settled => Err(LinkError::PreSettled),
+        SenderSettleMode::Mixed => {
             // Allowed to pre-settle some messages; brokers answer `mixed` when they accept the
             // client's choice loosely, and fe2o3 does not say which transfers came settled.
             tracing::warn!(
                 "the broker answered snd-settle-mode `mixed` to a request for `unsettled`: messages it sends pre-settled cannot be handed back"
             );
-            Ok(())
-        }
-        None => {
-            tracing::warn!("cannot read the broker's snd-settle-mode from the attach answer");
             Ok(())
         }
     }
@@ -327,7 +307,7 @@ mod tests {
                 .attach(&mut session)
                 .await
                 .expect("attach");
-            assert_eq!(answered_sender_settle_mode(&receiver), Some(mode));
+            assert_eq!(receiver.snd_settle_mode(), mode);
             receiver.close().await.expect("close");
         }
         session.end().await.expect("end");
@@ -336,10 +316,9 @@ mod tests {
 
     #[test]
     fn only_a_pre_settling_broker_is_refused() {
-        assert!(check_sender_settle_mode(Some(SenderSettleMode::Unsettled)).is_ok());
-        assert!(check_sender_settle_mode(Some(SenderSettleMode::Mixed)).is_ok());
-        assert!(check_sender_settle_mode(None).is_ok());
-        let refused = check_sender_settle_mode(Some(SenderSettleMode::Settled))
+        assert!(check_sender_settle_mode(SenderSettleMode::Unsettled).is_ok());
+        assert!(check_sender_settle_mode(SenderSettleMode::Mixed).is_ok());
+        let refused = check_sender_settle_mode(SenderSettleMode::Settled)
             .expect_err("pre-settled is refused")
             .to_string();
         assert!(refused.contains("pre-settled"), "{refused}");

@@ -178,6 +178,12 @@ impl Receiver {
         self.inner.auto_accept
     }
 
+    /// The sender settle mode in force after attach: the remote's answer to the one asked for.
+    // hot-potato patch: an accessor, so a receiver can refuse a sender that would pre-settle.
+    pub fn snd_settle_mode(&self) -> fe2o3_amqp_types::definitions::SenderSettleMode {
+        self.inner.link.snd_settle_mode.clone()
+    }
+
     /// Set `auto_accept` to `value`
     pub fn set_auto_accept(&mut self, value: bool) {
         self.inner.auto_accept = value;
