@@ -3,7 +3,6 @@
 //! in step with the breaker. A panic while handling one message settles that message
 //! (rejected, with the reason) and the loop goes on. Ends on a stop signal or a link failure.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use fe2o3_amqp::types::messaging::{Body, Message};
@@ -61,10 +60,9 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
         granted,
     } = parts;
     let max_in_flight = dispatcher.policy().max_in_flight as usize;
-    let mut in_flight: JoinSet<DeliveryOutcome> = JoinSet::new();
-    // The delivery of each task, kept here so a task that panics or is aborted still leaves
-    // its delivery to settle.
-    let mut deliveries: HashMap<tokio::task::Id, L::Delivery> = HashMap::new();
+    // Each task returns its delivery with the outcome, a panic included (caught inside), so
+    // only an aborted task (after a link failure, when nothing can be settled) returns none.
+    let mut in_flight: JoinSet<Finished<L::Delivery>> = JoinSet::new();
     let mut breaker = dispatcher.breaker.subscribe();
     let mut credit = CreditFollower::new(credit, granted);
     // Whether this broker sets `first-acquirer` (see `request_for`).
@@ -76,28 +74,20 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
     }
     let end = loop {
         let half_opens_at = dispatcher.breaker.half_opens_at();
-        // Only cancel-safe futures here: `cancelled`, `join_next_with_id`, `changed`, `sleep`
+        // Only cancel-safe futures here: `cancelled`, `join_next`, `changed`, `sleep`
         // and `recv` (fe2o3-amqp #22). The POSTs run in their own tasks, or inline below.
         tokio::select! {
             biased;
             _ = signals.stop.cancelled() => {
                 break if signals.remove.is_cancelled() { LinkEnd::Removed } else { LinkEnd::Stopped };
             }
-            Some(joined) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+            Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
                 // POSTs that finished meanwhile are settled with it, their accepts batched.
-                let mut finished: Vec<Finished<L::Delivery>> = Vec::with_capacity(1);
-                let mut next = Some(joined);
-                while let Some(joined) = next {
-                    let (id, outcome) = match joined {
-                        Ok((id, outcome)) => (id, outcome),
-                        Err(e) if e.is_panic() => (e.id(), panicked("delivery", super::catch::panic_message(e.into_panic()))),
-                        Err(e) => (e.id(), DeliveryOutcome::HandedBack),
-                    };
-                    if let Some(delivery) = deliveries.remove(&id) {
-                        finished.push((delivery, outcome));
-                    }
-                    next = in_flight.try_join_next_with_id();
-                }
+                // A task is only cancelled with its link, so a join error settles nothing.
+                let finished: Vec<Finished<L::Delivery>> = std::iter::once(joined)
+                    .chain(std::iter::from_fn(|| in_flight.try_join_next()))
+                    .filter_map(Result::ok)
+                    .collect();
                 if let Err(e) = settle_finished(link, telemetry, finished).await {
                     break LinkEnd::Failed(e);
                 }
@@ -181,12 +171,17 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                 }
                 let dispatcher = Arc::clone(dispatcher);
                 let signals = signals.clone();
-                let task = in_flight.spawn(
-                    async move { dispatcher.deliver(&request, &signals).await }
-                        // Keeps the enrollment id and queue on the delivery's log lines.
-                        .instrument(tracing::Span::current()),
+                in_flight.spawn(
+                    async move {
+                        let delivering = std::pin::pin!(dispatcher.deliver(&request, &signals));
+                        let outcome = CatchUnwind(delivering)
+                            .await
+                            .unwrap_or_else(|reason| panicked("delivery", reason));
+                        (delivery, outcome)
+                    }
+                    // Keeps the enrollment id and queue on the delivery's log lines.
+                    .instrument(tracing::Span::current()),
                 );
-                deliveries.insert(task.id(), delivery);
             }
         }
     };
@@ -198,12 +193,8 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
     if link_failed {
         in_flight.abort_all();
     }
-    while let Some(joined) = in_flight.join_next_with_id().await {
-        let (id, outcome) = match joined {
-            Ok((id, outcome)) => (id, outcome),
-            Err(e) => (e.id(), DeliveryOutcome::HandedBack),
-        };
-        let Some(delivery) = deliveries.remove(&id) else {
+    while let Some(joined) = in_flight.join_next().await {
+        let Ok((delivery, outcome)) = joined else {
             continue;
         };
         if link_failed {
