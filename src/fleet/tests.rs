@@ -241,6 +241,8 @@ async fn shutdown_stops_every_worker_within_the_grace_period() {
         .create(new_enrollment(&format!("{url}?late")))
         .await
         .expect("create");
+    // A negative: nothing may open. `start` spawns nothing after shutdown, so a short look
+    // would see a wrongly spawned worker's open.
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(opens(&f.broker.calls()), 5);
     assert_ne!(late.status.state(), WorkerState::Active);
