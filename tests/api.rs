@@ -210,6 +210,9 @@ async fn a_failed_store_write_answers_503_and_keeps_map_and_disk_in_step() {
     let daemon = Daemon::start(&db).await;
     let body = json!({"queue": address(&unique("locked")), "target_url": "http://127.0.0.1:9/x"});
 
+    // The daemon must have opened and migrated its store before the lock is taken, or its start
+    // (not the insert) is what waits on the lock and fails.
+    assert_eq!(daemon.api.get("/enrollments").await.1, json!([]));
     // Another process holding SQLite's write lock makes the daemon's insert fail.
     let locker = rusqlite::Connection::open(&db).expect("open");
     locker.execute_batch("BEGIN EXCLUSIVE").expect("lock");
