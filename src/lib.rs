@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::connection::{BrokerSettings, ConnectionPool, Dialer};
 use crate::backoff::BackoffSettings;
 use crate::config::Config;
+use crate::delivery::resolver::GuardedResolver;
 use crate::fleet::registry::Registry;
 use crate::fleet::supervisor::Supervisor;
 use crate::pipeline::link::AmqpOpener;
@@ -79,6 +80,10 @@ pub async fn run(
         // A redirect would turn the POST into a GET without the body and could still end in a
         // 2xx; a 3xx is an answer like any other non-2xx.
         .redirect(reqwest::redirect::Policy::none())
+        // Every address a target's name resolves to is checked against the target rules.
+        .dns_resolver(std::sync::Arc::new(GuardedResolver::new(
+            config.target_policy.clone(),
+        )))
         .build()?;
     let metrics = Metrics::new(config.metrics_per_enrollment);
     let broker = std::sync::Arc::new(BrokerSettings {
@@ -108,7 +113,7 @@ pub async fn run(
         std::sync::Arc::new(store),
         supervisor.clone(),
         config.delivery_defaults.clone(),
-        config.target_allowlist.clone(),
+        config.target_policy.clone(),
     )
     .await?;
 

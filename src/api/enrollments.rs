@@ -16,6 +16,7 @@ use crate::api::state::AppState;
 use crate::api::views::EnrollmentView;
 use crate::enrollment::record::{NewEnrollment, SubscriptionArgs};
 use crate::enrollment::settings::DeliverySettings;
+use crate::enrollment::target::TargetPolicy;
 use crate::fleet::registry::Created;
 
 /// How long DELETE waits for the worker to hand back its message and close its link before
@@ -92,12 +93,44 @@ pub async fn enroll(
         .registry
         .check_target(&new.target_url)
         .map_err(ApiError::Unprocessable)?;
+    check_resolved(state.registry.target_policy(), &new.target_url)
+        .await
+        .map_err(ApiError::Unprocessable)?;
     let (created, entry) = state.registry.create(new).await?;
     let status = match created {
         Created::New => StatusCode::CREATED,
         Created::Existing => StatusCode::OK,
     };
     Ok((status, Json(EnrollmentView::from(entry.as_ref()))).into_response())
+}
+
+/// How long enrolling waits for a target's name to resolve.
+const ENROLL_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Refuses a target whose name resolves now to an address the rules refuse. A name that does
+/// not resolve yet is let through: every connect checks the addresses again.
+async fn check_resolved(policy: &TargetPolicy, target_url: &str) -> Result<(), String> {
+    let Ok(url) = url::Url::parse(target_url) else {
+        return Ok(());
+    };
+    let Some(url::Host::Domain(name)) = url.host() else {
+        return Ok(());
+    };
+    let port = url.port_or_known_default().unwrap_or(80);
+    let lookup = tokio::time::timeout(
+        ENROLL_LOOKUP_TIMEOUT,
+        tokio::net::lookup_host((name, port)),
+    )
+    .await;
+    let Ok(Ok(addresses)) = lookup else {
+        return Ok(());
+    };
+    for address in addresses {
+        policy
+            .check_address(address.ip())
+            .map_err(|reason| format!("`target_url` host {name} {reason}"))?;
+    }
+    Ok(())
 }
 
 fn no_enrollment(id: &str) -> ApiError {

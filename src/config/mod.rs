@@ -9,6 +9,7 @@ use std::time::Duration;
 use url::Url;
 
 mod raw;
+mod target;
 
 use raw::RawConfig;
 
@@ -16,7 +17,7 @@ use crate::enrollment::outcome::FailureOutcomePolicy;
 use crate::enrollment::policy::{DeliveryDefaults, RetryPolicy};
 use crate::enrollment::record::redact_url;
 use crate::enrollment::settings::{BackoffKind, MAX_ATTEMPTS, MAX_IN_FLIGHT, MAX_PREFETCH};
-use crate::enrollment::target::TargetAllowlist;
+use crate::enrollment::target::TargetPolicy;
 
 /// Why the configuration cannot be used. Every message names the variable at fault.
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +79,9 @@ pub struct Config {
     pub amqp_connect_timeout: Duration,
     /// What an enrollment's `delivery` settings fall back to.
     pub delivery_defaults: DeliveryDefaults,
-    /// `TARGET_ALLOWLIST`; empty admits every target outside the guarded ranges.
-    pub target_allowlist: TargetAllowlist,
+    /// `TARGET_ALLOWLIST` and `TARGET_DENY_PRIVATE`: which targets and addresses are allowed.
+    pub target_policy: TargetPolicy,
+
     /// Bearer token the API requires; `None` leaves the API open (bind to loopback then).
     pub api_token: Option<String>,
     /// Whether `/metrics` requires the token too.
@@ -194,9 +196,9 @@ impl Config {
         if raw.breaker_open_ms == 0 {
             return Err(invalid("BREAKER_OPEN_MS", "must be greater than 0"));
         }
-        let target_allowlist =
-            TargetAllowlist::parse(raw.target_allowlist.as_deref().unwrap_or(""))
-                .map_err(|e| invalid("TARGET_ALLOWLIST", e))?;
+        let target_policy =
+            target::target_policy(raw.target_allowlist.as_deref(), raw.target_deny_private)?;
+        let response_max_bytes = target::response_max_bytes(raw.response_max_bytes)?;
         if raw.amqp_connection_pool > MAX_CONNECTION_POOL {
             return Err(invalid(
                 "AMQP_CONNECTION_POOL",
@@ -252,6 +254,7 @@ impl Config {
             },
             breaker_threshold: raw.breaker_failure_threshold,
             breaker_open: Duration::from_millis(raw.breaker_open_ms),
+            response_max_bytes,
         };
         Ok(Config {
             amqp_url,
@@ -267,7 +270,7 @@ impl Config {
             reconnect_max: Duration::from_millis(raw.reconnect_max_ms),
             amqp_connect_timeout: Duration::from_millis(raw.amqp_connect_timeout_ms),
             delivery_defaults,
-            target_allowlist,
+            target_policy,
             api_token,
             metrics_require_token: raw.metrics_require_token,
             metrics_per_enrollment: raw.metrics_per_enrollment,
@@ -300,7 +303,7 @@ impl fmt::Debug for Config {
             .field("reconnect_max", &self.reconnect_max)
             .field("amqp_connect_timeout", &self.amqp_connect_timeout)
             .field("delivery_defaults", &self.delivery_defaults)
-            .field("target_allowlist", &self.target_allowlist)
+            .field("target_policy", &self.target_policy)
             .field("api_token", &self.api_token.as_ref().map(|_| "***"))
             .field("metrics_require_token", &self.metrics_require_token)
             .field("metrics_per_enrollment", &self.metrics_per_enrollment)

@@ -54,6 +54,10 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) target_allowlist: Option<String>,
     #[serde(default)]
+    pub(super) target_deny_private: bool,
+    #[serde(default = "default_response_max_bytes")]
+    pub(super) response_max_bytes: u64,
+    #[serde(default)]
     pub(super) api_token: Option<String>,
     #[serde(default)]
     pub(super) metrics_require_token: bool,
@@ -104,6 +108,10 @@ fn default_amqp_connect_timeout_ms() -> u64 {
 }
 fn default_amqp_max_message_bytes() -> u64 {
     64 * 1024 * 1024
+}
+
+fn default_response_max_bytes() -> u64 {
+    64 * 1024
 }
 
 fn default_max_in_flight() -> u32 {

@@ -167,7 +167,12 @@ impl Dispatcher {
                 _ = signals.abandon.cancelled() => return DeliveryOutcome::HandedBack,
                 result = self.timed_post(request, headers) => result,
             };
-            let verdict = verdict(result.code(), &self.policy);
+            // A refused address is not the target's answer: no retry, no hold, and the
+            // message is dead-lettered with the reason rather than looped.
+            let verdict = match result {
+                PostResult::Blocked(_) => Verdict::Reject,
+                _ => verdict(result.code(), &self.policy),
+            };
             permit.record(health(verdict));
             let reason = || result.describe();
             let delay = match verdict {
@@ -256,6 +261,7 @@ impl Dispatcher {
             request,
             headers,
             self.policy.timeout(),
+            self.policy.response_max_bytes,
         )
         .await;
         self.telemetry.emit(PostAttempted {

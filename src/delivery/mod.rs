@@ -3,7 +3,8 @@
 //! Knows nothing of AMQP links or settlement.
 //!
 //! - [`request`]: message → POST (body, `Content-Type`, `amqp-*` headers).
-//! - [`post`]: one POST and what came back.
+//! - [`post`]: one POST and what came back (the answer's body read up to a bound).
+//! - [`resolver`]: the client's resolver, applying the target rules to every address.
 //! - [`verdict`]: status → success, retry, reject, drop or fail.
 //! - [`breaker`]: the per-enrollment circuit breaker.
 //! - [`signing`]: static headers, credentials, Standard Webhooks signatures.
@@ -13,6 +14,7 @@ pub mod breaker;
 pub mod dispatcher;
 pub mod post;
 pub mod request;
+pub mod resolver;
 pub mod signing;
 pub mod verdict;
 

@@ -6,6 +6,7 @@ use reqwest::header::HeaderMap;
 use url::Url;
 
 use crate::delivery::request::PushRequest;
+use crate::delivery::resolver::blocked_in;
 
 /// What came back from one POST.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +19,9 @@ pub enum PostResult {
     Timeout,
     /// Connection refused, reset, DNS failure, TLS failure…
     Network(String),
+    /// The target rules refused every address the target's name resolved to: no connection
+    /// was made, and none will be until the name or the rules change.
+    Blocked(String),
 }
 
 impl PostResult {
@@ -33,17 +37,20 @@ impl PostResult {
             Self::Status { code, .. } => format!("target answered {code}"),
             Self::Timeout => "target timed out".to_string(),
             Self::Network(e) => format!("target unreachable: {e}"),
+            Self::Blocked(reason) => reason.clone(),
         }
     }
 }
 
-/// Sends one POST, bounded by `timeout` from connect to the end of the response body.
+/// Sends one POST, bounded by `timeout` from connect to the end of the response body, of
+/// which at most `max_body` bytes are read.
 pub async fn post(
     client: &reqwest::Client,
     target_url: &Url,
     request: &PushRequest,
     extra_headers: HeaderMap,
     timeout: Duration,
+    max_body: usize,
 ) -> PostResult {
     let mut headers = request.headers.clone();
     merge(&mut headers, extra_headers);
@@ -66,13 +73,29 @@ pub async fn post(
             } else {
                 None
             };
-            // Drain the body so the pooled connection can be reused; its content is ignored.
-            let _ = response.bytes().await;
+            drain(response, max_body).await;
             PostResult::Status { code, retry_after }
         }
         Err(e) if e.is_timeout() => PostResult::Timeout,
+        Err(e) if blocked_in(&e).is_some() => {
+            PostResult::Blocked(blocked_in(&e).map(ToString::to_string).unwrap_or_default())
+        }
         // The URL may carry credentials: keep it out of the error text.
         Err(e) => PostResult::Network(error_chain(&e.without_url())),
+    }
+}
+
+/// Reads the answer's body to its end, so the pooled connection can be reused, unless it is
+/// longer than `max_body`: then the response is dropped unread, which closes the connection,
+/// and a target streaming without end costs at most one chunk beyond the bound.
+async fn drain(mut response: reqwest::Response, max_body: usize) {
+    let mut read = 0usize;
+    while let Ok(Some(chunk)) = response.chunk().await {
+        read = read.saturating_add(chunk.len());
+        if read > max_body {
+            tracing::debug!(max_body, "target's answer is longer than RESPONSE_MAX_BYTES; dropping the connection");
+            return;
+        }
     }
 }
 

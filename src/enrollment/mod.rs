@@ -6,10 +6,13 @@
 //! - [`status_pattern`]: status codes, ranges and classes (`retry_on`, `reject_on`, `drop_on`).
 //! - [`policy`]: the effective delivery policy (settings over the daemon's defaults).
 //! - [`outcome`]: how a failed message goes back to the broker.
-//! - [`target`]: which target URLs are allowed (`TARGET_ALLOWLIST`, guarded ranges).
+//! - [`address`]: guarded address classes (metadata, link-local, private…) in every spelling.
+//! - [`target`]: which target URLs and addresses are allowed (`TARGET_ALLOWLIST`,
+//!   `TARGET_DENY_PRIVATE`, the guarded classes).
 //! - [`status`]: the live status an operator sees (state, breaker, counters, last error).
 //! - [`live`]: record + policy + status, as the daemon holds an enrollment.
 
+pub mod address;
 pub mod error;
 pub mod live;
 pub mod outcome;

@@ -17,6 +17,8 @@ pub struct DeliveryDefaults {
     pub retry: RetryPolicy,
     pub breaker_threshold: u32,
     pub breaker_open: Duration,
+    /// `RESPONSE_MAX_BYTES`.
+    pub response_max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, utoipa::ToSchema)]
@@ -69,6 +71,9 @@ pub struct DeliveryPolicy {
     pub headers: BTreeMap<String, String>,
     pub auth: Option<Auth>,
     pub signing: Option<Signing>,
+    /// How much of a target's answer is read; a longer one is dropped with its connection
+    /// (the verdict comes from the status alone).
+    pub response_max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -129,6 +134,7 @@ impl DeliverySettings {
             headers: self.headers.clone().unwrap_or_default(),
             auth: self.auth.clone(),
             signing: self.signing.clone(),
+            response_max_bytes: defaults.response_max_bytes,
         }
     }
 }
@@ -178,6 +184,7 @@ pub(crate) mod tests {
             },
             breaker_threshold: 10,
             breaker_open: Duration::from_secs(5),
+            response_max_bytes: 64 * 1024,
         }
     }
 

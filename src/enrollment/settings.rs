@@ -243,13 +243,22 @@ impl DeliverySettings {
                 &format!("must be a number from {MIN_RATE_PER_SEC} to {MAX_RATE_PER_SEC}"),
             );
         }
+        let signed = self.signing.is_some();
         if let Some(headers) = &self.headers {
             for (name, value) in headers {
                 let parsed = reqwest::header::HeaderName::from_bytes(name.as_bytes());
                 if parsed.is_err() || reqwest::header::HeaderValue::from_str(value).is_err() {
                     return invalid(&format!("headers.{name}"), "is not a valid HTTP header");
                 }
+                if let Some(why) = reserved_header(name, signed) {
+                    return invalid(&format!("headers.{name}"), why);
+                }
             }
+        }
+        if let Some(Auth::Header { name, .. }) = &self.auth
+            && let Some(why) = reserved_header(name, signed)
+        {
+            return invalid("auth.name", why);
         }
         match &self.auth {
             Some(Auth::Bearer { token }) if token.is_empty() => {
@@ -278,6 +287,30 @@ impl DeliverySettings {
             }
         }
         Ok(())
+    }
+}
+
+/// Why a static header name may not be set, if it may not: the names that frame the request
+/// (a `Content-Length` would cut every body short, a `Host` reach another virtual host) and,
+/// when signing is on, the `webhook-*` names the signature owns.
+fn reserved_header(name: &str, signed: bool) -> Option<&'static str> {
+    const FRAMING: [&str; 8] = [
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+    ];
+    let name = name.to_ascii_lowercase();
+    if FRAMING.contains(&name.as_str()) || name.starts_with("proxy-") {
+        Some("frames the HTTP request and is set by hot-potato only")
+    } else if signed && name.starts_with("webhook-") {
+        Some("is set by the signature (signing is on)")
+    } else {
+        None
     }
 }
 
@@ -438,5 +471,31 @@ mod tests {
                 "{body}: {err:?}"
             );
         }
+    }
+
+    #[test]
+    fn headers_that_frame_the_request_are_refused() {
+        for name in [
+            "Host",
+            "content-length",
+            "Transfer-Encoding",
+            "connection",
+            "Keep-Alive",
+            "TE",
+            "trailer",
+            "upgrade",
+            "Proxy-Authorization",
+            "proxy-connection",
+        ] {
+            let body = json!({"headers": {name: "5"}});
+            let err = DeliverySettings::from_json(body).expect_err(name);
+            assert!(err.to_string().contains(&format!("headers.{name}")), "{err}");
+            let body = json!({"auth": {"type": "header", "name": name, "value": "5"}});
+            assert!(DeliverySettings::from_json(body).is_err(), "auth {name}");
+        }
+        let signed = json!({"signing": {"secret": "s3cret"}, "headers": {"webhook-id": "x"}});
+        assert!(DeliverySettings::from_json(signed).is_err());
+        let unsigned = json!({"headers": {"webhook-id": "x", "x-team": "a"}});
+        assert!(DeliverySettings::from_json(unsigned).is_ok());
     }
 }

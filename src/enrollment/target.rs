@@ -8,6 +8,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use url::{Host, Url};
 
+use crate::enrollment::address::{classify, destinations};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Rule {
     /// `orders.example.com`: that host only.
@@ -22,13 +24,6 @@ enum Rule {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TargetAllowlist {
     rules: Vec<Rule>,
-}
-
-fn guarded_ranges() -> [IpNet; 2] {
-    [
-        IpNet::new(IpAddr::from([169, 254, 0, 0]), 16).unwrap_or_default(),
-        IpNet::new(IpAddr::from([0xfe80, 0, 0, 0, 0, 0, 0, 0]), 10).unwrap_or_default(),
-    ]
 }
 
 impl TargetAllowlist {
@@ -62,36 +57,92 @@ impl TargetAllowlist {
         self.rules.is_empty()
     }
 
+    /// Whether an allowlist entry names `ip` (or the IPv4 address it embeds).
+    fn lists_address(&self, ip: IpAddr) -> bool {
+        destinations(ip).any(|d| {
+            self.rules
+                .iter()
+                .any(|rule| matches!(rule, Rule::Net(net) if net.contains(&d)))
+        })
+    }
+
+    fn lists_name(&self, name: &str) -> bool {
+        let name = name.to_ascii_lowercase();
+        self.rules.iter().any(|rule| match rule {
+            Rule::Host(host) => *host == name,
+            Rule::Suffix(suffix) => name.ends_with(suffix.as_str()),
+            Rule::Net(_) => false,
+        })
+    }
+}
+
+/// Which targets may receive POSTs: `TARGET_ALLOWLIST` and `TARGET_DENY_PRIVATE`. A URL is
+/// judged by [`TargetPolicy::check_url`] when it is enrolled and loaded, and every address
+/// its name resolves to by [`TargetPolicy::check_address`], at enroll time and again at each
+/// connect (so a name that later resolves elsewhere is caught when it is used).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetPolicy {
+    pub allowlist: TargetAllowlist,
+    /// Also refuse loopback and private addresses (targets are always remote).
+    pub deny_private: bool,
+}
+
+impl TargetPolicy {
     /// `Ok` when `target` may receive POSTs; otherwise the reason, for a 422 or a log line.
-    pub fn check(&self, target: &Url) -> Result<(), String> {
+    /// A host name is judged by the allowlist here; its addresses by [`Self::check_address`].
+    pub fn check_url(&self, target: &Url) -> Result<(), String> {
         let host = target
             .host()
             .ok_or_else(|| "`target_url` has no host".to_string())?;
-        let ip = match &host {
-            Host::Ipv4(v4) => Some(IpAddr::V4(*v4)),
-            // `::ffff:169.254.169.254` reaches the same IPv4 host: judge it as IPv4.
-            Host::Ipv6(v6) => Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(*v6), IpAddr::V4)),
-            Host::Domain(_) => None,
-        };
-        let listed = self.rules.iter().any(|rule| match (rule, &host, ip) {
-            (Rule::Net(net), _, Some(ip)) => net.contains(&ip),
-            (Rule::Host(name), Host::Domain(d), _) => d.eq_ignore_ascii_case(name),
-            (Rule::Suffix(suffix), Host::Domain(d), _) => {
-                d.to_ascii_lowercase().ends_with(suffix.as_str())
+        match host {
+            Host::Domain(name) => {
+                if !self.allowlist.is_empty() && !self.allowlist.lists_name(name) {
+                    return Err(format!(
+                        "`target_url` host {name} is not in TARGET_ALLOWLIST"
+                    ));
+                }
+                Ok(())
             }
-            _ => false,
-        });
-        if let Some(ip) = ip
-            && !listed
-            && guarded_ranges().iter().any(|net| net.contains(&ip))
-        {
+            Host::Ipv4(v4) => self.check_literal(IpAddr::V4(v4)),
+            Host::Ipv6(v6) => self.check_literal(IpAddr::V6(v6)),
+        }
+    }
+
+    fn check_literal(&self, ip: IpAddr) -> Result<(), String> {
+        self.check_address(ip)
+            .map_err(|reason| format!("`target_url` {reason}"))?;
+        if !self.allowlist.is_empty() && !self.allowlist.lists_address(ip) {
             return Err(format!(
-                "`target_url` points at the link-local/metadata address {ip}, refused unless TARGET_ALLOWLIST lists it"
+                "`target_url` host {ip} is not in TARGET_ALLOWLIST"
             ));
         }
-        if !self.is_empty() && !listed {
+        Ok(())
+    }
+
+    /// `Ok` when a connection to `ip` is allowed: it is outside the guarded classes (and, with
+    /// `deny_private`, outside loopback and private ranges), or the allowlist lists it.
+    pub fn check_address(&self, ip: IpAddr) -> Result<(), String> {
+        let Some((class, judged)) = classify(ip) else {
+            return Ok(());
+        };
+        if self.allowlist.lists_address(ip) {
+            return Ok(());
+        }
+        if class.always_guarded() {
+            let shown = if judged == ip {
+                ip.to_string()
+            } else {
+                format!("{ip} (that is {judged})")
+            };
             return Err(format!(
-                "`target_url` host {host} is not in TARGET_ALLOWLIST"
+                "points at {shown}, {}, refused unless TARGET_ALLOWLIST lists it",
+                class.describe()
+            ));
+        }
+        if self.deny_private {
+            return Err(format!(
+                "points at {ip}, {}, refused with TARGET_DENY_PRIVATE=true unless TARGET_ALLOWLIST lists it",
+                class.describe()
             ));
         }
         Ok(())
@@ -116,24 +167,72 @@ mod tests {
         Url::parse(s).expect("url")
     }
 
+    fn policy(list: &str, deny_private: bool) -> TargetPolicy {
+        TargetPolicy {
+            allowlist: TargetAllowlist::parse(list).expect("valid"),
+            deny_private,
+        }
+    }
+
     #[test]
     fn without_a_list_everything_but_the_guarded_ranges_passes() {
-        let open = TargetAllowlist::default();
-        assert!(open.check(&url("http://example.com/x")).is_ok());
-        assert!(open.check(&url("http://10.1.2.3/x")).is_ok());
-        assert!(open.check(&url("http://169.254.169.254/latest")).is_err());
-        assert!(open.check(&url("http://[fe80::1]/x")).is_err());
-        assert!(
-            open.check(&url("http://[::ffff:169.254.169.254]/x"))
-                .is_err()
-        );
+        let open = TargetPolicy::default();
+        assert!(open.check_url(&url("http://example.com/x")).is_ok());
+        assert!(open.check_url(&url("http://10.1.2.3/x")).is_ok());
+        assert!(open.check_url(&url("http://127.0.0.1:8080/x")).is_ok());
+        for refused in [
+            "http://169.254.169.254/latest",
+            "http://[fe80::1]/x",
+            "http://[::ffff:169.254.169.254]/x",
+            "http://[fd00:ec2::254]/latest",
+            "http://[64:ff9b::a9fe:a9fe]/latest",
+            "http://[::169.254.169.254]/",
+            "http://0.0.0.0:8080/",
+            "http://[::]:8080/",
+            "http://224.0.0.1/",
+            "http://[ff02::1]/",
+            // What the url crate normalises to 169.254.169.254: integer, hex, octal, short
+            // and trailing-dot spellings.
+            "http://2852039166/",
+            "http://0xa9fea9fe/",
+            "http://0xA9.0xFE.0xA9.0xFE/",
+            "http://0251.0376.0251.0376/",
+            "http://169.254.43518/",
+            "http://169.254.169.254./",
+            "http://0/",
+        ] {
+            let parsed = url(refused);
+            let err = open.check_url(&parsed).expect_err(refused);
+            assert!(err.contains("refused"), "{refused}: {err}");
+        }
+    }
+
+    #[test]
+    fn deny_private_also_refuses_loopback_and_private_ranges() {
+        let strict = policy("", true);
+        for refused in [
+            "http://127.0.0.1/",
+            "http://127.1/",
+            "http://2130706433/",
+            "http://[::1]/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://10.0.0.1/",
+            "http://192.168.0.10/",
+            "http://[fd00::1]/",
+        ] {
+            assert!(strict.check_url(&url(refused)).is_err(), "{refused}");
+        }
+        assert!(strict.check_url(&url("http://93.184.215.14/")).is_ok());
+        assert!(strict.check_url(&url("http://example.com/")).is_ok());
+        let listed = policy("127.0.0.1", true);
+        assert!(listed.check_url(&url("http://127.0.0.1:9/")).is_ok());
+        assert!(listed.check_address("127.0.0.1".parse().expect("ip")).is_ok());
+        assert!(listed.check_address("::1".parse().expect("ip")).is_err());
     }
 
     #[test]
     fn a_list_admits_only_its_entries() {
-        let list =
-            TargetAllowlist::parse("hooks.example.com, *.internal.test,10.0.0.0/8,127.0.0.1")
-                .expect("valid");
+        let list = policy("hooks.example.com, *.internal.test,10.0.0.0/8,127.0.0.1", false);
         for ok in [
             "http://hooks.example.com/a",
             "https://a.internal.test/",
@@ -141,7 +240,7 @@ mod tests {
             "http://10.9.8.7:99/",
             "http://127.0.0.1:8080/",
         ] {
-            assert!(list.check(&url(ok)).is_ok(), "{ok}");
+            assert!(list.check_url(&url(ok)).is_ok(), "{ok}");
         }
         for refused in [
             "http://example.com/",
@@ -151,15 +250,16 @@ mod tests {
             "http://evil-hooks.example.com/",
             "http://169.254.169.254/",
         ] {
-            assert!(list.check(&url(refused)).is_err(), "{refused}");
+            assert!(list.check_url(&url(refused)).is_err(), "{refused}");
         }
     }
 
     #[test]
     fn listing_a_guarded_range_admits_it() {
-        let list = TargetAllowlist::parse("169.254.10.0/24").expect("valid");
-        assert!(list.check(&url("http://169.254.10.5/")).is_ok());
-        assert!(list.check(&url("http://169.254.169.254/")).is_err());
+        let list = policy("169.254.10.0/24", false);
+        assert!(list.check_url(&url("http://169.254.10.5/")).is_ok());
+        assert!(list.check_url(&url("http://[::ffff:169.254.10.5]/")).is_ok());
+        assert!(list.check_url(&url("http://169.254.169.254/")).is_err());
     }
 
     #[test]

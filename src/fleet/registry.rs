@@ -11,7 +11,7 @@ use crate::enrollment::live::LiveEnrollment;
 use crate::enrollment::policy::DeliveryDefaults;
 use crate::enrollment::record::{Enrollment, NewEnrollment};
 use crate::enrollment::status::now_rfc3339;
-use crate::enrollment::target::TargetAllowlist;
+use crate::enrollment::target::TargetPolicy;
 use crate::fleet::supervisor::{Supervisor, WorkerExit};
 use crate::pipeline::link::{AmqpOpener, LinkOpener};
 use crate::store::{EnrollmentStore, StoreError, StoredEnrollment};
@@ -44,7 +44,7 @@ struct Inner<O> {
     store: Arc<dyn EnrollmentStore>,
     supervisor: Supervisor<O>,
     defaults: DeliveryDefaults,
-    allowlist: TargetAllowlist,
+    target_policy: TargetPolicy,
     /// The read path. A std lock: held only for map operations, never across `.await`.
     map: RwLock<HashMap<Uuid, Arc<LiveEnrollment>>>,
     /// Enrollments whose stored settings could not be read at start, with the reason: listed
@@ -62,7 +62,7 @@ impl<O: LinkOpener> Registry<O> {
         store: Arc<dyn EnrollmentStore>,
         supervisor: Supervisor<O>,
         defaults: DeliveryDefaults,
-        allowlist: TargetAllowlist,
+        target_policy: TargetPolicy,
     ) -> Result<Self, StoreError> {
         let stored = store.load_stored().await?;
         let mut map = HashMap::with_capacity(stored.len());
@@ -80,7 +80,7 @@ impl<O: LinkOpener> Registry<O> {
                     unreadable.insert(id, reason.clone());
                     Err(reason)
                 }
-                None => check_target(&allowlist, &entry.enrollment.target_url),
+                None => check_target(&target_policy, &entry.enrollment.target_url),
             };
             match admitted {
                 Ok(()) if paused => WorkerStopped { paused }.emit(&entry.status),
@@ -95,7 +95,7 @@ impl<O: LinkOpener> Registry<O> {
                 store,
                 supervisor,
                 defaults,
-                allowlist,
+                target_policy,
                 map: RwLock::new(map),
                 unreadable,
                 writes: tokio::sync::Mutex::new(()),
@@ -155,12 +155,17 @@ impl<O: LinkOpener> Registry<O> {
         if let Some(reason) = self.inner.unreadable.get(&entry.enrollment.id) {
             return Err(reason.clone());
         }
-        check_target(&self.inner.allowlist, &entry.enrollment.target_url)
+        check_target(&self.inner.target_policy, &entry.enrollment.target_url)
+    }
+
+    /// The target rules enrollments are checked against.
+    pub fn target_policy(&self) -> &TargetPolicy {
+        &self.inner.target_policy
     }
 
     /// Whether `TARGET_ALLOWLIST` and the guarded ranges admit `target_url`.
     pub fn check_target(&self, target_url: &str) -> Result<(), String> {
-        check_target(&self.inner.allowlist, target_url)
+        check_target(&self.inner.target_policy, target_url)
     }
 
     /// Creates an enrollment, or returns the one that already pushes `queue` to `target_url`.
@@ -262,8 +267,8 @@ impl<O: LinkOpener> Registry<O> {
         Ok(Some(exit))
     }
 }
-fn check_target(allowlist: &TargetAllowlist, target_url: &str) -> Result<(), String> {
+fn check_target(policy: &TargetPolicy, target_url: &str) -> Result<(), String> {
     let url =
         url::Url::parse(target_url).map_err(|e| format!("`target_url` is not a valid URL: {e}"))?;
-    allowlist.check(&url)
+    policy.check_url(&url)
 }

@@ -12,7 +12,7 @@ use crate::enrollment::outcome::FailureOutcome;
 use crate::enrollment::policy::tests::defaults;
 use crate::enrollment::record::NewEnrollment;
 use crate::enrollment::status::WorkerState;
-use crate::enrollment::target::TargetAllowlist;
+use crate::enrollment::target::{TargetAllowlist, TargetPolicy};
 use crate::fleet::registry::{Created, Registry};
 use crate::fleet::supervisor::Supervisor;
 use crate::pipeline::fake::{Call, FakeBroker, FakeOpener, settlements};
@@ -42,7 +42,10 @@ async fn fleet(allowlist: &str, dir: Option<tempfile::TempDir>) -> Fleet {
         Arc::clone(&store) as Arc<dyn EnrollmentStore>,
         supervisor.clone(),
         defaults(),
-        TargetAllowlist::parse(allowlist).expect("allowlist"),
+        TargetPolicy {
+            allowlist: TargetAllowlist::parse(allowlist).expect("allowlist"),
+            deny_private: false,
+        },
     )
     .await
     .expect("load");
