@@ -85,7 +85,8 @@ async fn every_spelling_of_a_guarded_address_is_refused_at_enroll() {
         "http://localhost:9/",
     ];
     for url in refused {
-        let (status, answer) = enroll_raw(&daemon.api, &json!({"queue": queue, "target_url": url})).await;
+        let (status, answer) =
+            enroll_raw(&daemon.api, &json!({"queue": queue, "target_url": url})).await;
         assert_eq!(status, 422, "{url}: {answer}");
         let error = answer["error"].as_str().unwrap_or("");
         assert!(error.contains("target_url"), "{url}: {error}");
@@ -117,7 +118,10 @@ async fn headers_that_reframe_the_request_are_refused() {
         let (status, answer) = enroll_raw(&daemon.api, &body).await;
         assert_eq!(status, 422, "{name}: {answer}");
         let error = answer["error"].as_str().unwrap_or("");
-        assert!(error.contains(&format!("headers.{name}")), "{name}: {error}");
+        assert!(
+            error.contains(&format!("headers.{name}")),
+            "{name}: {error}"
+        );
     }
     let signed = json!({"queue": queue, "target_url": "http://127.0.0.1:9/",
         "delivery": {"signing": {"secret": "a-signing-secret"}, "headers": {"webhook-signature": "v1,x"}}});
@@ -147,7 +151,10 @@ async fn a_name_resolving_to_a_refused_address_is_blocked_at_connect() {
     daemon.stop().await;
 
     let daemon = Daemon::start_with(&db, &[("TARGET_DENY_PRIVATE", "true")]).await;
-    daemon.api.wait_state(&id, "active", Duration::from_secs(20)).await;
+    daemon
+        .api
+        .wait_state(&id, "active", Duration::from_secs(20))
+        .await;
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("blocked", 0..3).await;
     let status = wait_for("3 messages rejected", Duration::from_secs(30), || async {
@@ -157,7 +164,9 @@ async fn a_name_resolving_to_a_refused_address_is_blocked_at_connect() {
     .await;
     let error = status["last_error"].as_str().unwrap_or("");
     assert!(
-        error.contains("target blocked") && error.contains("localhost") && error.contains("loopback"),
+        error.contains("target blocked")
+            && error.contains("localhost")
+            && error.contains("loopback"),
         "{error}"
     );
     assert_eq!(status["retries"].as_u64(), Some(0), "no local retries");

@@ -117,11 +117,8 @@ async fn check_resolved(policy: &TargetPolicy, target_url: &str) -> Result<(), S
         return Ok(());
     };
     let port = url.port_or_known_default().unwrap_or(80);
-    let lookup = tokio::time::timeout(
-        ENROLL_LOOKUP_TIMEOUT,
-        tokio::net::lookup_host((name, port)),
-    )
-    .await;
+    let lookup =
+        tokio::time::timeout(ENROLL_LOOKUP_TIMEOUT, tokio::net::lookup_host((name, port))).await;
     let Ok(Ok(addresses)) = lookup else {
         return Ok(());
     };

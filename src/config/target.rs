@@ -41,8 +41,8 @@ mod tests {
         let c = cfg(&[]).expect("defaults");
         assert_eq!(c.delivery_defaults.response_max_bytes, 64 * 1024);
         assert!(!c.target_policy.deny_private);
-        let c = cfg(&[("TARGET_DENY_PRIVATE", "true"), ("RESPONSE_MAX_BYTES", "0")])
-            .expect("valid");
+        let c =
+            cfg(&[("TARGET_DENY_PRIVATE", "true"), ("RESPONSE_MAX_BYTES", "0")]).expect("valid");
         assert!(c.target_policy.deny_private);
         assert_eq!(c.delivery_defaults.response_max_bytes, 0);
         for (var, value) in [

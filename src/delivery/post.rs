@@ -93,7 +93,10 @@ async fn drain(mut response: reqwest::Response, max_body: usize) {
     while let Ok(Some(chunk)) = response.chunk().await {
         read = read.saturating_add(chunk.len());
         if read > max_body {
-            tracing::debug!(max_body, "target's answer is longer than RESPONSE_MAX_BYTES; dropping the connection");
+            tracing::debug!(
+                max_body,
+                "target's answer is longer than RESPONSE_MAX_BYTES; dropping the connection"
+            );
             return;
         }
     }

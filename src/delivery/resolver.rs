@@ -95,7 +95,10 @@ mod tests {
             .filter_map(|s| s.parse().ok())
             .collect();
         let (allowed, refused) = sort_addresses(&policy, addrs.into_iter());
-        assert_eq!(allowed, vec!["93.184.215.14:80".parse::<SocketAddr>().expect("addr")]);
+        assert_eq!(
+            allowed,
+            vec!["93.184.215.14:80".parse::<SocketAddr>().expect("addr")]
+        );
         assert!(refused.is_some_and(|r| r.contains("127.0.0.1")));
     }
 

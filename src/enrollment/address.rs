@@ -65,24 +65,26 @@ pub fn classify(ip: IpAddr) -> Option<(AddressClass, IpAddr)> {
 
 fn classify_v4(ip: Ipv4Addr) -> Option<AddressClass> {
     let [a, b, ..] = ip.octets();
-    Some(if ip == Ipv4Addr::new(169, 254, 169, 254) || ip == Ipv4Addr::new(100, 100, 100, 200) {
-        AddressClass::Metadata
-    } else if ip.is_link_local() {
-        AddressClass::LinkLocal
-    } else if a == 0 {
-        // 0.0.0.0/8 "this network": Linux connects 0.0.0.0 to the local host.
-        AddressClass::Unspecified
-    } else if ip.is_multicast() {
-        AddressClass::Multicast
-    } else if ip.is_broadcast() {
-        AddressClass::Broadcast
-    } else if ip.is_loopback() {
-        AddressClass::Loopback
-    } else if ip.is_private() || (a == 100 && (64..128).contains(&b)) {
-        AddressClass::Private
-    } else {
-        return None;
-    })
+    Some(
+        if ip == Ipv4Addr::new(169, 254, 169, 254) || ip == Ipv4Addr::new(100, 100, 100, 200) {
+            AddressClass::Metadata
+        } else if ip.is_link_local() {
+            AddressClass::LinkLocal
+        } else if a == 0 {
+            // 0.0.0.0/8 "this network": Linux connects 0.0.0.0 to the local host.
+            AddressClass::Unspecified
+        } else if ip.is_multicast() {
+            AddressClass::Multicast
+        } else if ip.is_broadcast() {
+            AddressClass::Broadcast
+        } else if ip.is_loopback() {
+            AddressClass::Loopback
+        } else if ip.is_private() || (a == 100 && (64..128).contains(&b)) {
+            AddressClass::Private
+        } else {
+            return None;
+        },
+    )
 }
 
 fn classify_v6(ip: Ipv6Addr) -> Option<AddressClass> {

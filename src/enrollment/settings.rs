@@ -489,7 +489,10 @@ mod tests {
         ] {
             let body = json!({"headers": {name: "5"}});
             let err = DeliverySettings::from_json(body).expect_err(name);
-            assert!(err.to_string().contains(&format!("headers.{name}")), "{err}");
+            assert!(
+                err.to_string().contains(&format!("headers.{name}")),
+                "{err}"
+            );
             let body = json!({"auth": {"type": "header", "name": name, "value": "5"}});
             assert!(DeliverySettings::from_json(body).is_err(), "auth {name}");
         }

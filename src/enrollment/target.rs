@@ -112,9 +112,7 @@ impl TargetPolicy {
         self.check_address(ip)
             .map_err(|reason| format!("`target_url` {reason}"))?;
         if !self.allowlist.is_empty() && !self.allowlist.lists_address(ip) {
-            return Err(format!(
-                "`target_url` host {ip} is not in TARGET_ALLOWLIST"
-            ));
+            return Err(format!("`target_url` host {ip} is not in TARGET_ALLOWLIST"));
         }
         Ok(())
     }
@@ -226,13 +224,20 @@ mod tests {
         assert!(strict.check_url(&url("http://example.com/")).is_ok());
         let listed = policy("127.0.0.1", true);
         assert!(listed.check_url(&url("http://127.0.0.1:9/")).is_ok());
-        assert!(listed.check_address("127.0.0.1".parse().expect("ip")).is_ok());
+        assert!(
+            listed
+                .check_address("127.0.0.1".parse().expect("ip"))
+                .is_ok()
+        );
         assert!(listed.check_address("::1".parse().expect("ip")).is_err());
     }
 
     #[test]
     fn a_list_admits_only_its_entries() {
-        let list = policy("hooks.example.com, *.internal.test,10.0.0.0/8,127.0.0.1", false);
+        let list = policy(
+            "hooks.example.com, *.internal.test,10.0.0.0/8,127.0.0.1",
+            false,
+        );
         for ok in [
             "http://hooks.example.com/a",
             "https://a.internal.test/",
@@ -258,7 +263,10 @@ mod tests {
     fn listing_a_guarded_range_admits_it() {
         let list = policy("169.254.10.0/24", false);
         assert!(list.check_url(&url("http://169.254.10.5/")).is_ok());
-        assert!(list.check_url(&url("http://[::ffff:169.254.10.5]/")).is_ok());
+        assert!(
+            list.check_url(&url("http://[::ffff:169.254.10.5]/"))
+                .is_ok()
+        );
         assert!(list.check_url(&url("http://169.254.169.254/")).is_err());
     }
 
