@@ -112,6 +112,14 @@ fn message_to_request(bencher: Bencher) {
     bencher.bench(|| PushRequest::from_message(black_box(&message), &header, 0));
 }
 
+/// The same for an unsigned enrollment: no `webhook-id` derived.
+#[divan::bench]
+fn message_to_request_unsigned(bencher: Bencher) {
+    let message = message();
+    let header = HeaderValue::from_static("6f1c1a64-3f0e-4d8e-9a52-8f1d2d3c4b5a");
+    bencher.bench(|| PushRequest::from_message_with(black_box(&message), &header, 0, false));
+}
+
 #[divan::bench]
 fn verdict_on_answers(bencher: Bencher) {
     let defaults = Config::from_vars(Vec::<(String, String)>::new())

@@ -101,6 +101,11 @@ impl Dispatcher {
         &self.enrollment_header
     }
 
+    /// Whether POSTs carry Standard Webhooks signature headers (and so need a `webhook-id`).
+    pub fn signs(&self) -> bool {
+        self.signing_key.is_some()
+    }
+
     pub fn policy(&self) -> &DeliveryPolicy {
         &self.policy
     }

@@ -59,7 +59,8 @@ pub struct PushRequest {
     pub skipped_properties: usize,
     /// The Standard Webhooks `webhook-id`: the message-id when it is usable as one (see
     /// [`signing::usable_webhook_id`]), else derived from the message's content, so every
-    /// attempt and every redelivery of one message carries the same id.
+    /// attempt and every redelivery of one message carries the same id. Empty when the
+    /// request was mapped without one (an unsigned enrollment sends no `webhook-id`).
     pub webhook_id: String,
 }
 
@@ -75,6 +76,18 @@ impl PushRequest {
         message: &Message<Body<Value>>,
         enrollment_header: &HeaderValue,
         delivery_count: u32,
+    ) -> Self {
+        Self::from_message_with(message, enrollment_header, delivery_count, true)
+    }
+
+    /// [`Self::from_message`], deriving the `webhook-id` only when `needs_webhook_id`: the
+    /// derivation encodes the properties and hashes the whole message, work an unsigned
+    /// enrollment would throw away on every message.
+    pub fn from_message_with(
+        message: &Message<Body<Value>>,
+        enrollment_header: &HeaderValue,
+        delivery_count: u32,
+        needs_webhook_id: bool,
     ) -> Self {
         let (body, default_type) = body_bytes(&message.body);
         let mut headers = HeaderMap::new();
@@ -133,6 +146,7 @@ impl PushRequest {
             );
         }
         let webhook_id = match message_id.as_deref() {
+            _ if !needs_webhook_id => String::new(),
             Some(id) if signing::usable_webhook_id(id) => id.to_owned(),
             _ => content_id(message, &body),
         };
@@ -606,6 +620,19 @@ mod tests {
         {
             unnest(v);
         }
+    }
+
+    #[test]
+    fn an_unsigned_mapping_derives_no_webhook_id() {
+        let m = text("no id here");
+        let r = PushRequest::from_message_with(&m, &hv(Uuid::nil()), 0, false);
+        assert_eq!(r.webhook_id, "");
+        assert!(r.headers.get("webhook-id").is_none());
+        assert!(
+            PushRequest::from_message(&m, &hv(Uuid::nil()), 0)
+                .webhook_id
+                .starts_with("msg_")
+        );
     }
 
     #[test]

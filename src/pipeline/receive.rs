@@ -232,5 +232,10 @@ fn request_for(
     if delivery_count > 0 || (*sets_first_acquirer && header.is_some() && !first_acquirer) {
         telemetry.emit(Redelivered);
     }
-    PushRequest::from_message(message, dispatcher.enrollment_header(), delivery_count)
+    PushRequest::from_message_with(
+        message,
+        dispatcher.enrollment_header(),
+        delivery_count,
+        dispatcher.signs(),
+    )
 }
