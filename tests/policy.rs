@@ -166,6 +166,9 @@ async fn concurrent_posts_each_settle_with_their_own_answer() {
     let queue = unique("mixed");
     let dlq = mgmt.declare_with_dead_letter(&queue, 5).await;
     let target = Target::start().await;
+    // A POST that takes a moment: without it, answers come back faster than the next POST
+    // leaves, and whether two ever overlap at the target is luck.
+    target.set_delay(Duration::from_millis(5));
     // "mixed-N": N % 3 == 0 → 200, 1 → 404 (drop_on), 2 → 422 (reject_on).
     target.set_status_by_body(|body| {
         let n: usize = body
