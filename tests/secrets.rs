@@ -265,3 +265,41 @@ async fn secrets_are_sealed_on_disk_survive_restarts_and_rotate() {
         mgmt.delete_queue(q).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_stored_in_clear_are_sealed_at_the_first_start_with_a_key() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
+    let target = Target::start().await;
+    let (_dir, db) = temp_db();
+
+    // Without a key the secrets are in the file: the search below does find them.
+    let daemon = Daemon::start(&db).await;
+    daemon.api.wait_healthy().await;
+    let enrolled = enroll_all(&daemon, &target).await;
+    daemon.stop().await;
+    let bytes = file_bytes(&db);
+    for secret in SECRETS {
+        assert!(
+            contains(&bytes, secret),
+            "{secret} is stored in clear without a key"
+        );
+    }
+
+    // The first start with a key rewrites them; none is left behind in free space.
+    let daemon = Daemon::start_with(&db, &[("SECRETS_KEY", &key())]).await;
+    daemon.api.wait_healthy().await;
+    for id in &enrolled.ids {
+        daemon
+            .api
+            .wait_state(id, "active", Duration::from_secs(20))
+            .await;
+    }
+    assert_delivers_with_credentials(&enrolled, &target).await;
+    daemon.stop().await;
+    assert_no_secret_in(&db);
+
+    let mgmt = Management::new();
+    for q in &enrolled.queues {
+        mgmt.delete_queue(q).await;
+    }
+}
