@@ -7,8 +7,10 @@
 //!   rules, live status.
 //! - [`shutdown`] → (nothing): the stop signals of one worker.
 //! - [`backoff`] → (nothing): capped exponential backoff with jitter.
-//! - [`config`] → enrollment: the typed configuration, read once from the environment.
-//! - [`store`] → enrollment: the enrollment store trait and its SQLite implementation.
+//! - [`seal`] → (nothing): sealing secret strings at rest (keys, XChaCha20-Poly1305).
+//! - [`config`] → enrollment, seal: the typed configuration, read once from the environment.
+//! - [`store`] → enrollment, seal: the enrollment store trait, its SQLite implementation, and
+//!   the wrapper that seals an enrollment's secrets for any store.
 //! - [`telemetry`] → enrollment: metrics, and the events that update status, metric and log.
 //! - [`amqp`] → enrollment: connections, the receiver link, dispositions, the failure outcome.
 //! - [`delivery`] → enrollment, telemetry, shutdown: message → POST, the POST, the verdict,
@@ -32,6 +34,7 @@ pub mod demo_receiver;
 pub mod enrollment;
 pub mod fleet;
 pub mod pipeline;
+pub mod seal;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
@@ -49,7 +52,7 @@ use crate::fleet::registry::Registry;
 use crate::fleet::supervisor::Supervisor;
 use crate::pipeline::link::AmqpOpener;
 use crate::pipeline::worker::WorkerContext;
-use crate::store::{EnrollmentStore, SqliteStore, StoreError};
+use crate::store::{EnrollmentStore, SealedStore, SqliteStore, StoreError};
 use crate::telemetry::metrics::Metrics;
 
 /// Failures that stop the daemon.
@@ -72,6 +75,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let store = SqliteStore::open(&config.sqlite_path).await?;
+    // Rows still in clear or sealed with SECRETS_KEY_PREVIOUS are sealed again here.
+    let store = SealedStore::start(store, config.secrets.clone()).await?;
     tracing::info!(store = %store.describe(), "enrollment store ready");
 
     let http = reqwest::Client::builder()

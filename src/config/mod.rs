@@ -9,6 +9,7 @@ use std::time::Duration;
 use url::Url;
 
 mod raw;
+mod secrets;
 mod target;
 
 use raw::RawConfig;
@@ -18,6 +19,7 @@ use crate::enrollment::policy::{DeliveryDefaults, RetryPolicy};
 use crate::enrollment::record::redact_url;
 use crate::enrollment::settings::{BackoffKind, MAX_ATTEMPTS, MAX_IN_FLIGHT, MAX_PREFETCH};
 use crate::enrollment::target::TargetPolicy;
+use crate::seal::Keyring;
 
 /// Why the configuration cannot be used. Every message names the variable at fault.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +98,8 @@ pub struct Config {
     pub amqp_connection_pool: usize,
     /// The receiver link's `max-message-size`: the largest message the daemon takes in.
     pub amqp_max_message_bytes: u64,
+    /// `SECRETS_KEY` (seals) and `SECRETS_KEY_PREVIOUS` (still opens, during a rotation).
+    pub secrets: Keyring,
 }
 
 impl Config {
@@ -278,6 +282,7 @@ impl Config {
             api_rate_limit_per_min: raw.api_rate_limit_per_min,
             amqp_connection_pool: raw.amqp_connection_pool,
             amqp_max_message_bytes: raw.amqp_max_message_bytes,
+            secrets: secrets::from_raw(raw.secrets_key, raw.secrets_key_previous)?,
         })
     }
 
@@ -311,6 +316,7 @@ impl fmt::Debug for Config {
             .field("api_rate_limit_per_min", &self.api_rate_limit_per_min)
             .field("amqp_connection_pool", &self.amqp_connection_pool)
             .field("amqp_max_message_bytes", &self.amqp_max_message_bytes)
+            .field("secrets", &self.secrets)
             .finish()
     }
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::secrets::RawSecret;
+
 /// Raw values as they come from the environment; field names are the variable names in
 /// lower case (envy's mapping), so renaming a field renames a public variable.
 #[derive(Debug, Deserialize)]
@@ -71,6 +73,10 @@ pub(super) struct RawConfig {
     pub(super) amqp_connection_pool: usize,
     #[serde(default = "default_amqp_max_message_bytes")]
     pub(super) amqp_max_message_bytes: u64,
+    #[serde(default)]
+    pub(super) secrets_key: Option<RawSecret>,
+    #[serde(default)]
+    pub(super) secrets_key_previous: Option<RawSecret>,
 }
 
 fn default_amqp_url() -> String {

@@ -11,7 +11,7 @@ use crate::enrollment::error::EnrollmentError;
 use crate::enrollment::settings::{DeliverySettings, MAX_PREFETCH};
 
 /// A stored enrollment: which queue is pushed to which URL.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Enrollment {
     pub id: Uuid,
     /// The AMQP source address, passed to the broker verbatim.
@@ -102,6 +102,21 @@ impl NewEnrollment {
             subscription_args,
             delivery,
         })
+    }
+}
+
+/// Shows `target_url` with its password redacted (the settings redact their own secrets).
+impl std::fmt::Debug for Enrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enrollment")
+            .field("id", &self.id)
+            .field("queue", &self.queue)
+            .field("target_url", &self.target_url_shown())
+            .field("subscription_args", &self.subscription_args)
+            .field("created_at", &self.created_at)
+            .field("delivery", &self.delivery)
+            .field("paused", &self.paused)
+            .finish()
     }
 }
 
@@ -276,6 +291,22 @@ mod tests {
         let bare = NewEnrollment::from_json(json!({"queue": "q", "target_url": "https://x.test"}))
             .expect("valid");
         assert_eq!(bare.subscription_args, SubscriptionArgs::default());
+    }
+
+    #[test]
+    fn debug_output_hides_the_target_password() {
+        let e = Enrollment {
+            id: Uuid::nil(),
+            queue: "q".into(),
+            target_url: "http://ann:pw-debug-9c1f@127.0.0.1:1/x".into(),
+            subscription_args: SubscriptionArgs::default(),
+            created_at: String::new(),
+            delivery: DeliverySettings::default(),
+            paused: false,
+        };
+        let shown = format!("{e:?}");
+        assert!(!shown.contains("pw-debug-9c1f"), "{shown}");
+        assert!(shown.contains("http://ann:***@127.0.0.1:1/x"), "{shown}");
     }
 
     #[test]

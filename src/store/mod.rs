@@ -1,6 +1,8 @@
 //! Where enrollments are kept: the [`EnrollmentStore`] trait the fleet writes through, and its
-//! implementations. SQLite ([`sqlite`]) is the embedded default.
+//! implementations. SQLite ([`sqlite`]) is the embedded default; [`sealed`] wraps any of them
+//! to keep secrets sealed at rest.
 
+pub mod sealed;
 pub mod sqlite;
 
 use std::future::Future;
@@ -10,7 +12,9 @@ use std::pin::Pin;
 use uuid::Uuid;
 
 use crate::enrollment::record::Enrollment;
+use crate::seal::SealError;
 
+pub use sealed::SealedStore;
 pub use sqlite::SqliteStore;
 
 /// What a store call returns: boxed so the fleet can hold any store as `dyn EnrollmentStore`.
@@ -56,6 +60,9 @@ pub trait EnrollmentStore: Send + Sync + 'static {
     }
     /// Commits a new enrollment.
     fn insert(&self, enrollment: Enrollment) -> StoreFuture<'_, ()>;
+    /// Rewrites a stored enrollment in full, found by its id (used at start to seal secrets
+    /// again with the current key).
+    fn replace(&self, enrollment: Enrollment) -> StoreFuture<'_, ()>;
     /// Records whether an enrollment is paused.
     fn set_paused(&self, id: Uuid, paused: bool) -> StoreFuture<'_, ()>;
     /// Deletes an enrollment; `false` when it was not stored.
@@ -81,4 +88,6 @@ pub enum StoreError {
     Join(#[from] tokio::task::JoinError),
     #[error("the store's lock was poisoned by a panic")]
     Poisoned,
+    #[error("cannot seal a secret: {0}")]
+    Seal(#[from] SealError),
 }

@@ -124,6 +124,37 @@ impl SqliteStore {
         .await
     }
 
+    /// Rewrites a stored enrollment's columns, found by its id.
+    async fn replace_row(&self, enrollment: Enrollment) -> Result<(), StoreError> {
+        self.with_conn(move |conn| {
+            let id = enrollment.id.to_string();
+            let to_json = |v: Result<String, serde_json::Error>| {
+                v.map_err(|e| StoreError::Corrupt {
+                    id: id.clone(),
+                    reason: e.to_string(),
+                })
+            };
+            let args = to_json(serde_json::to_string(&enrollment.subscription_args))?;
+            let delivery = to_json(serde_json::to_string(&enrollment.delivery))?;
+            conn.execute(
+                "UPDATE enrollments SET queue = ?2, target_url = ?3, subscription_args = ?4,
+                     created_at = ?5, delivery = ?6, paused = ?7
+                 WHERE id = ?1",
+                params![
+                    id,
+                    enrollment.queue,
+                    enrollment.target_url,
+                    args,
+                    enrollment.created_at,
+                    delivery,
+                    enrollment.paused
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Records whether an enrollment is paused.
     async fn update_paused(&self, id: Uuid, paused: bool) -> Result<(), StoreError> {
         self.with_conn(move |conn| {
@@ -163,6 +194,9 @@ impl EnrollmentStore for SqliteStore {
     }
     fn insert(&self, enrollment: Enrollment) -> StoreFuture<'_, ()> {
         Box::pin(self.insert_row(enrollment))
+    }
+    fn replace(&self, enrollment: Enrollment) -> StoreFuture<'_, ()> {
+        Box::pin(self.replace_row(enrollment))
     }
     fn set_paused(&self, id: Uuid, paused: bool) -> StoreFuture<'_, ()> {
         Box::pin(self.update_paused(id, paused))
@@ -248,6 +282,8 @@ fn open_blocking(path: &Path) -> Result<Connection, rusqlite::Error> {
     // confirmed them. Writes are rare (API changes), so the fsync per commit costs nothing.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // A secret rewritten sealed (or a deleted enrollment's) must not linger in free pages.
+    conn.pragma_update(None, "secure_delete", "ON")?;
     migrate(&conn)?;
     probe_write(&conn)?;
     Ok(conn)
