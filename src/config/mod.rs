@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use url::Url;
 
+mod api_guard;
 mod raw;
+
+pub use api_guard::ApiGuardSettings;
 
 use raw::RawConfig;
 
@@ -94,6 +97,8 @@ pub struct Config {
     pub amqp_connection_pool: usize,
     /// The receiver link's `max-message-size`: the largest message the daemon takes in.
     pub amqp_max_message_bytes: u64,
+    /// API timeouts, connection cap, readiness probe interval, trusted proxies.
+    pub api_guard: ApiGuardSettings,
 }
 
 impl Config {
@@ -216,6 +221,7 @@ impl Config {
                 ),
             ));
         }
+        let api_guard = ApiGuardSettings::from_raw(&raw)?;
         let api_token = raw.api_token.filter(|t| !t.is_empty());
         if api_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("API_TOKEN", "must be at least 16 characters"));
@@ -275,6 +281,7 @@ impl Config {
             api_rate_limit_per_min: raw.api_rate_limit_per_min,
             amqp_connection_pool: raw.amqp_connection_pool,
             amqp_max_message_bytes: raw.amqp_max_message_bytes,
+            api_guard,
         })
     }
 
@@ -308,6 +315,7 @@ impl fmt::Debug for Config {
             .field("api_rate_limit_per_min", &self.api_rate_limit_per_min)
             .field("amqp_connection_pool", &self.amqp_connection_pool)
             .field("amqp_max_message_bytes", &self.amqp_max_message_bytes)
+            .field("api_guard", &self.api_guard)
             .finish()
     }
 }

@@ -67,6 +67,16 @@ pub(super) struct RawConfig {
     pub(super) amqp_connection_pool: usize,
     #[serde(default = "default_amqp_max_message_bytes")]
     pub(super) amqp_max_message_bytes: u64,
+    #[serde(default = "default_api_header_timeout_ms")]
+    pub(super) api_header_timeout_ms: u64,
+    #[serde(default = "default_api_request_timeout_ms")]
+    pub(super) api_request_timeout_ms: u64,
+    #[serde(default = "default_api_max_connections")]
+    pub(super) api_max_connections: usize,
+    #[serde(default = "default_ready_probe_interval_ms")]
+    pub(super) ready_probe_interval_ms: u64,
+    #[serde(default)]
+    pub(super) trusted_proxies: Option<String>,
 }
 
 fn default_amqp_url() -> String {
@@ -128,5 +138,17 @@ fn default_breaker_failure_threshold() -> u32 {
     5
 }
 fn default_breaker_open_ms() -> u64 {
+    5_000
+}
+fn default_api_header_timeout_ms() -> u64 {
+    10_000
+}
+fn default_api_request_timeout_ms() -> u64 {
+    30_000
+}
+fn default_api_max_connections() -> usize {
+    512
+}
+fn default_ready_probe_interval_ms() -> u64 {
     5_000
 }
