@@ -141,21 +141,29 @@ pub async fn run(
             config.http_host
         );
     }
+    let guard = &config.api_guard;
     let app = api::router(api::AppState {
         registry,
         supervisor: supervisor.clone(),
         metrics,
-        security: std::sync::Arc::new(api::ApiSecurity::new(
-            config.api_token.clone(),
-            config.metrics_require_token,
-            config.cors_origins.clone(),
-            config.api_rate_limit_per_min,
-        )),
+        security: std::sync::Arc::new(
+            api::ApiSecurity::new(
+                config.api_token.clone(),
+                config.metrics_require_token,
+                config.cors_origins.clone(),
+                config.api_rate_limit_per_min,
+            )
+            .with_trusted_proxies(guard.trusted_proxies.clone()),
+        ),
+        ready_probe: std::sync::Arc::new(api::probe::ReadyProbe::new(guard.ready_probe_interval)),
     });
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(token.clone().cancelled_owned())
-        .await;
+    let limits = api::serve::ServeLimits {
+        header_timeout: guard.header_timeout,
+        request_timeout: guard.request_timeout,
+        max_connections: guard.max_connections,
+        shutdown_grace: config.shutdown_grace,
+    };
+    let served = api::serve::serve(listener, app, limits, token.clone()).await;
     // Whatever ended the server, the workers are stopped the same way.
     token.cancel();
     supervisor.shutdown(config.shutdown_grace).await;

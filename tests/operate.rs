@@ -252,7 +252,8 @@ async fn readiness_follows_the_store_and_the_workers() {
     let queue = unique("ready");
     mgmt.declare_classic(&queue).await;
     let (_dir, db) = temp_db();
-    let daemon = Daemon::start(&db).await;
+    // Probe on every call, so the lock taken below shows at once.
+    let daemon = Daemon::start_with(&db, &[("READY_PROBE_INTERVAL_MS", "0")]).await;
     let id = daemon
         .api
         .enroll_queue(&queue, "http://127.0.0.1:9/x")

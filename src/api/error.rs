@@ -39,6 +39,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("too many requests from this client; retry in a minute")]
     TooManyRequests,
+    #[error("the request took too long; send it whole and promptly")]
+    RequestTimeout,
     #[error("the daemon is shutting down")]
     ShuttingDown,
     #[error("the enrollment store is unavailable")]
@@ -56,6 +58,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ShuttingDown | Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

@@ -21,6 +21,7 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
             .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |c| c.0.ip());
+        let client = security.client_ip(client, request.headers());
         if !security.within_rate(client) {
             return ApiError::TooManyRequests.into_response();
         }

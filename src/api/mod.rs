@@ -6,14 +6,20 @@
 //! - [`views`]: the JSON shapes of enrollments and their stats.
 //! - [`security`]: the API token, CORS, the per-client change limit, the JSON depth bound.
 //! - [`guard`]: the middleware that applies them to every request.
+//! - [`forwarded`]: the client's address behind trusted proxies (`TRUSTED_PROXIES`).
+//! - [`probe`]: the cached store probe behind `/ready`.
+//! - [`serve`]: the accept loop: header and request timeouts, the connection cap.
 //! - [`error`]: the one error type and its status mapping.
 //! - [`state`]: what handlers reach.
 
 pub mod enrollments;
 pub mod error;
+pub mod forwarded;
 pub mod guard;
 pub mod ops;
+pub mod probe;
 pub mod security;
+pub mod serve;
 pub mod state;
 pub mod views;
 

@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Serialize;
 
@@ -42,10 +42,18 @@ pub async fn health(State(state): State<AppState>) -> Json<Health> {
 pub struct Readiness {
     ready: bool,
     store_writable: bool,
-    /// Why the daemon is not ready (empty when it is).
-    reasons: Vec<String>,
-    /// Enrollments that are not active, with the reason each shows.
-    not_active: Vec<NotActive>,
+    /// How many enrollments are not active.
+    not_active_count: usize,
+    /// How many reasons there are for not being ready.
+    reasons_count: usize,
+    /// Why the daemon is not ready (empty when it is). Only with the token, or when no
+    /// API_TOKEN is configured: it carries ids and error texts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasons: Option<Vec<String>>,
+    /// Enrollments that are not active, with the reason each shows. Only with the token, or
+    /// when no API_TOKEN is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    not_active: Option<Vec<NotActive>>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -57,14 +65,20 @@ pub struct NotActive {
 
 /// Readiness: the store takes writes, and every enrollment's worker is active, paused, or
 /// shows why it is not (a worker still connecting without an error yet is not ready). Never
-/// needs the token.
+/// needs the token; without it (when API_TOKEN is set) the answer has counts only, no ids or
+/// error texts. The store is probed at most every READY_PROBE_INTERVAL_MS; calls between
+/// answer from the last probe.
 #[utoipa::path(
-    get, path = "/ready", tag = "operations", security(()),
+    get, path = "/ready", tag = "operations", security((), ("api_token" = [])),
     responses((status = 200, body = Readiness), (status = 503, body = Readiness))
 )]
-pub async fn ready(State(state): State<AppState>) -> Response {
+pub async fn ready(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let mut reasons = Vec::new();
-    let store_writable = match state.registry.store().check_writable().await {
+    let store_writable = match state
+        .ready_probe
+        .store_writable(state.registry.store())
+        .await
+    {
         Ok(()) => true,
         Err(e) => {
             reasons.push(format!("store not writable: {e}"));
@@ -93,11 +107,14 @@ pub async fn ready(State(state): State<AppState>) -> Response {
             reason: status.last_error,
         });
     }
+    let details = state.security.headers_token_ok(&headers);
     let body = Readiness {
         ready: reasons.is_empty(),
         store_writable,
-        reasons,
-        not_active,
+        not_active_count: not_active.len(),
+        reasons_count: reasons.len(),
+        reasons: details.then_some(reasons),
+        not_active: details.then_some(not_active),
     };
     let status = if body.ready {
         StatusCode::OK

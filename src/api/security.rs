@@ -5,14 +5,16 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 
 use axum::extract::Request;
-use axum::http::{HeaderValue, Method, header};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa::Modify;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use crate::api::error::ApiError;
+use crate::api::forwarded;
 
 /// Deepest JSON nesting a request may have; enrollment bodies need 4.
 const MAX_JSON_DEPTH: usize = 32;
@@ -27,6 +29,8 @@ pub struct ApiSecurity {
     cors_origins: Vec<String>,
     /// Changes per client IP; `None` when `API_RATE_LIMIT_PER_MIN=0`.
     limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// `TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
+    trusted_proxies: Vec<IpNet>,
 }
 
 impl ApiSecurity {
@@ -42,7 +46,19 @@ impl ApiSecurity {
             cors_origins,
             limiter: NonZeroU32::new(changes_per_minute)
                 .map(|n| RateLimiter::keyed(Quota::per_minute(n))),
+            trusted_proxies: Vec::new(),
         }
+    }
+
+    /// Believes `X-Forwarded-For` from these peers (see [`crate::api::forwarded`]).
+    pub fn with_trusted_proxies(mut self, trusted: Vec<IpNet>) -> Self {
+        self.trusted_proxies = trusted;
+        self
+    }
+
+    /// The client the change limit counts this request against.
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        forwarded::client_ip(peer, headers, &self.trusted_proxies)
     }
 
     pub fn needs_token(&self, path: &str) -> bool {
@@ -53,11 +69,15 @@ impl ApiSecurity {
     }
 
     pub fn token_ok(&self, request: &Request) -> bool {
+        self.headers_token_ok(request.headers())
+    }
+
+    /// Whether these headers carry the token (always true when no token is configured).
+    pub fn headers_token_ok(&self, headers: &HeaderMap) -> bool {
         let Some(expected) = &self.token else {
             return true;
         };
-        let presented = request
-            .headers()
+        let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::api::probe::ReadyProbe;
 use crate::api::security::ApiSecurity;
 use crate::fleet::registry::Registry;
 use crate::fleet::supervisor::Supervisor;
@@ -13,4 +14,6 @@ pub struct AppState {
     pub supervisor: Supervisor,
     pub metrics: Metrics,
     pub security: Arc<ApiSecurity>,
+    /// The cached store probe behind `/ready`.
+    pub ready_probe: Arc<ReadyProbe>,
 }

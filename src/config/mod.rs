@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use url::Url;
 
+mod api_guard;
 mod raw;
 mod secrets;
 mod target;
+
+pub use api_guard::ApiGuardSettings;
 
 use raw::RawConfig;
 
@@ -100,6 +103,8 @@ pub struct Config {
     pub amqp_max_message_bytes: u64,
     /// `SECRETS_KEY` (seals) and `SECRETS_KEY_PREVIOUS` (still opens, during a rotation).
     pub secrets: Keyring,
+    /// API timeouts, connection cap, readiness probe interval, trusted proxies.
+    pub api_guard: ApiGuardSettings,
 }
 
 impl Config {
@@ -222,6 +227,7 @@ impl Config {
                 ),
             ));
         }
+        let api_guard = ApiGuardSettings::from_raw(&raw)?;
         let api_token = raw.api_token.filter(|t| !t.is_empty());
         if api_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("API_TOKEN", "must be at least 16 characters"));
@@ -283,6 +289,7 @@ impl Config {
             amqp_connection_pool: raw.amqp_connection_pool,
             amqp_max_message_bytes: raw.amqp_max_message_bytes,
             secrets: secrets::from_raw(raw.secrets_key, raw.secrets_key_previous)?,
+            api_guard,
         })
     }
 
@@ -317,6 +324,7 @@ impl fmt::Debug for Config {
             .field("amqp_connection_pool", &self.amqp_connection_pool)
             .field("amqp_max_message_bytes", &self.amqp_max_message_bytes)
             .field("secrets", &self.secrets)
+            .field("api_guard", &self.api_guard)
             .finish()
     }
 }

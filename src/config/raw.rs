@@ -77,6 +77,16 @@ pub(super) struct RawConfig {
     pub(super) secrets_key: Option<RawSecret>,
     #[serde(default)]
     pub(super) secrets_key_previous: Option<RawSecret>,
+    #[serde(default = "default_api_header_timeout_ms")]
+    pub(super) api_header_timeout_ms: u64,
+    #[serde(default = "default_api_request_timeout_ms")]
+    pub(super) api_request_timeout_ms: u64,
+    #[serde(default = "default_api_max_connections")]
+    pub(super) api_max_connections: usize,
+    #[serde(default = "default_ready_probe_interval_ms")]
+    pub(super) ready_probe_interval_ms: u64,
+    #[serde(default)]
+    pub(super) trusted_proxies: Option<String>,
 }
 
 fn default_amqp_url() -> String {
@@ -142,5 +152,17 @@ fn default_breaker_failure_threshold() -> u32 {
     5
 }
 fn default_breaker_open_ms() -> u64 {
+    5_000
+}
+fn default_api_header_timeout_ms() -> u64 {
+    10_000
+}
+fn default_api_request_timeout_ms() -> u64 {
+    30_000
+}
+fn default_api_max_connections() -> usize {
+    512
+}
+fn default_ready_probe_interval_ms() -> u64 {
     5_000
 }
