@@ -108,6 +108,19 @@ fn assert_no_secret_shown(answer: &Value) {
 /// Publishes one message per queue (the body names the queue) and checks what the target
 /// received for each: the right `Authorization` and, where signing is set, a signature made
 /// with the signing secret.
+/// Starts the daemon with `env` and waits until every enrollment in `ids` is active.
+async fn start_active(db: &Path, env: &[(&str, &str)], ids: &[String]) -> Daemon {
+    let daemon = Daemon::start_with(db, env).await;
+    daemon.api.wait_healthy().await;
+    for id in ids {
+        daemon
+            .api
+            .wait_state(id, "active", Duration::from_secs(20))
+            .await;
+    }
+    daemon
+}
+
 async fn assert_delivers_with_credentials(enrolled: &Enrolled, target: &Target) {
     let before = target.received().len();
     for q in &enrolled.queues {
@@ -170,8 +183,7 @@ async fn secrets_are_sealed_on_disk_survive_restarts_and_rotate() {
     let (old_key, new_key) = (key(), new_key());
 
     // 1. Enroll with SECRETS_KEY; nothing secret reaches the file.
-    let daemon = Daemon::start_with(&db, &[("SECRETS_KEY", &old_key)]).await;
-    daemon.api.wait_healthy().await;
+    let daemon = start_active(&db, &[("SECRETS_KEY", &old_key)], &[]).await;
     let enrolled = enroll_all(&daemon, &target).await;
     let (_, listed) = daemon.api.get("/enrollments").await;
     assert_no_secret_shown(&listed);
@@ -189,14 +201,7 @@ async fn secrets_are_sealed_on_disk_survive_restarts_and_rotate() {
     );
 
     // 2. Same key again: the enrollments deliver with the credentials as given.
-    let daemon = Daemon::start_with(&db, &[("SECRETS_KEY", &old_key)]).await;
-    daemon.api.wait_healthy().await;
-    for id in &enrolled.ids {
-        daemon
-            .api
-            .wait_state(id, "active", Duration::from_secs(20))
-            .await;
-    }
+    let daemon = start_active(&db, &[("SECRETS_KEY", &old_key)], &enrolled.ids).await;
     assert_delivers_with_credentials(&enrolled, &target).await;
     daemon.stop().await;
 
@@ -221,21 +226,15 @@ async fn secrets_are_sealed_on_disk_survive_restarts_and_rotate() {
     assert_no_secret_in(&db);
 
     // 4. Rotation: the new key with the old one as previous opens everything and rewrites it.
-    let daemon = Daemon::start_with(
+    let daemon = start_active(
         &db,
         &[
             ("SECRETS_KEY", &new_key),
             ("SECRETS_KEY_PREVIOUS", &old_key),
         ],
+        &enrolled.ids,
     )
     .await;
-    daemon.api.wait_healthy().await;
-    for id in &enrolled.ids {
-        daemon
-            .api
-            .wait_state(id, "active", Duration::from_secs(20))
-            .await;
-    }
     daemon.stop().await;
     assert_no_secret_in(&db);
     let new_id = SecretKey::from_base64(&new_key)
@@ -248,14 +247,7 @@ async fn secrets_are_sealed_on_disk_survive_restarts_and_rotate() {
     );
 
     // 5. The new key alone: everything opens and delivers; the old key is no longer needed.
-    let daemon = Daemon::start_with(&db, &[("SECRETS_KEY", &new_key)]).await;
-    daemon.api.wait_healthy().await;
-    for id in &enrolled.ids {
-        daemon
-            .api
-            .wait_state(id, "active", Duration::from_secs(20))
-            .await;
-    }
+    let daemon = start_active(&db, &[("SECRETS_KEY", &new_key)], &enrolled.ids).await;
     assert_delivers_with_credentials(&enrolled, &target).await;
     daemon.stop().await;
     assert_no_secret_in(&db);
@@ -286,14 +278,7 @@ async fn secrets_stored_in_clear_are_sealed_at_the_first_start_with_a_key() {
     }
 
     // The first start with a key rewrites them; none is left behind in free space.
-    let daemon = Daemon::start_with(&db, &[("SECRETS_KEY", &key())]).await;
-    daemon.api.wait_healthy().await;
-    for id in &enrolled.ids {
-        daemon
-            .api
-            .wait_state(id, "active", Duration::from_secs(20))
-            .await;
-    }
+    let daemon = start_active(&db, &[("SECRETS_KEY", &key())], &enrolled.ids).await;
     assert_delivers_with_credentials(&enrolled, &target).await;
     daemon.stop().await;
     assert_no_secret_in(&db);

@@ -96,36 +96,29 @@ impl SqliteStore {
 
     /// Commits a new enrollment.
     async fn insert_row(&self, enrollment: Enrollment) -> Result<(), StoreError> {
-        self.with_conn(move |conn| {
-            let to_json = |v: Result<String, serde_json::Error>| {
-                v.map_err(|e| StoreError::Corrupt {
-                    id: enrollment.id.to_string(),
-                    reason: e.to_string(),
-                })
-            };
-            let args = to_json(serde_json::to_string(&enrollment.subscription_args))?;
-            let delivery = to_json(serde_json::to_string(&enrollment.delivery))?;
-            conn.execute(
-                "INSERT INTO enrollments
-                     (id, queue, target_url, subscription_args, created_at, delivery, paused)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    enrollment.id.to_string(),
-                    enrollment.queue,
-                    enrollment.target_url,
-                    args,
-                    enrollment.created_at,
-                    delivery,
-                    enrollment.paused
-                ],
-            )?;
-            Ok(())
-        })
+        self.write_row(
+            "INSERT INTO enrollments
+                 (id, queue, target_url, subscription_args, created_at, delivery, paused)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            enrollment,
+        )
         .await
     }
 
     /// Rewrites a stored enrollment's columns, found by its id.
     async fn replace_row(&self, enrollment: Enrollment) -> Result<(), StoreError> {
+        self.write_row(
+            "UPDATE enrollments SET queue = ?2, target_url = ?3, subscription_args = ?4,
+                 created_at = ?5, delivery = ?6, paused = ?7
+             WHERE id = ?1",
+            enrollment,
+        )
+        .await
+    }
+
+    /// Runs `sql` with the enrollment's columns as ?1..?7 (id, queue, target_url,
+    /// subscription_args, created_at, delivery, paused).
+    async fn write_row(&self, sql: &'static str, enrollment: Enrollment) -> Result<(), StoreError> {
         self.with_conn(move |conn| {
             let id = enrollment.id.to_string();
             let to_json = |v: Result<String, serde_json::Error>| {
@@ -137,9 +130,7 @@ impl SqliteStore {
             let args = to_json(serde_json::to_string(&enrollment.subscription_args))?;
             let delivery = to_json(serde_json::to_string(&enrollment.delivery))?;
             conn.execute(
-                "UPDATE enrollments SET queue = ?2, target_url = ?3, subscription_args = ?4,
-                     created_at = ?5, delivery = ?6, paused = ?7
-                 WHERE id = ?1",
+                sql,
                 params![
                     id,
                     enrollment.queue,
