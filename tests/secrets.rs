@@ -108,6 +108,16 @@ fn assert_no_secret_shown(answer: &Value) {
 /// Publishes one message per queue (the body names the queue) and checks what the target
 /// received for each: the right `Authorization` and, where signing is set, a signature made
 /// with the signing secret.
+/// Asserts that the file holds values sealed with `key`; its key id.
+fn assert_sealed_with(db: &Path, key: &str) -> String {
+    let id = SecretKey::from_base64(key).expect("key").id().to_string();
+    assert!(
+        contains(&file_bytes(db), &id),
+        "values are sealed with key {id}"
+    );
+    id
+}
+
 /// Starts the daemon with `env` and waits until every enrollment in `ids` is active.
 async fn start_active(db: &Path, env: &[(&str, &str)], ids: &[String]) -> Daemon {
     let daemon = Daemon::start_with(db, env).await;
@@ -191,14 +201,7 @@ async fn secrets_are_sealed_on_disk_survive_restarts_and_rotate() {
     assert_no_secret_in(&db);
     daemon.stop().await;
     assert_no_secret_in(&db);
-    let old_id = SecretKey::from_base64(&old_key)
-        .expect("key")
-        .id()
-        .to_string();
-    assert!(
-        contains(&file_bytes(&db), &old_id),
-        "values are sealed with key {old_id}"
-    );
+    let old_id = assert_sealed_with(&db, &old_key);
 
     // 2. Same key again: the enrollments deliver with the credentials as given.
     let daemon = start_active(&db, &[("SECRETS_KEY", &old_key)], &enrolled.ids).await;
@@ -237,14 +240,7 @@ async fn secrets_are_sealed_on_disk_survive_restarts_and_rotate() {
     .await;
     daemon.stop().await;
     assert_no_secret_in(&db);
-    let new_id = SecretKey::from_base64(&new_key)
-        .expect("key")
-        .id()
-        .to_string();
-    assert!(
-        contains(&file_bytes(&db), &new_id),
-        "resealed with {new_id}"
-    );
+    assert_sealed_with(&db, &new_key);
 
     // 5. The new key alone: everything opens and delivers; the old key is no longer needed.
     let daemon = start_active(&db, &[("SECRETS_KEY", &new_key)], &enrolled.ids).await;
