@@ -456,10 +456,17 @@ async fn a_connection_pool_carries_many_enrollments_on_few_connections() {
     )
     .await;
     let pid = child.id();
+    // An enrollment's slot is its id modulo the pool size, so ten random ids fill both slots
+    // but for a 1-in-512 chance: count the slots they really use.
+    let slots: std::collections::HashSet<u128> = ids
+        .iter()
+        .filter_map(|id| uuid::Uuid::parse_str(id).ok())
+        .map(|id| id.as_u128() % 2)
+        .collect();
     assert_eq!(
         broker_ports_of(pid).len(),
-        2,
-        "ten enrollments on two connections"
+        slots.len(),
+        "ten enrollments on their pool slots' connections (at most two)"
     );
     // Deleting one closes its session, not the shared connection.
     assert_eq!(api.delete(&ids[0]).await, 204);
