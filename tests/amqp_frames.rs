@@ -21,7 +21,7 @@ use hot_potato::backoff::BackoffSettings;
 use hot_potato::config::Config;
 use hot_potato::enrollment::live::LiveEnrollment;
 use hot_potato::enrollment::outcome::FailureOutcomePolicy;
-use hot_potato::enrollment::record::{Enrollment, NewEnrollment};
+use hot_potato::enrollment::record::NewEnrollment;
 use hot_potato::enrollment::status::WorkerState;
 use hot_potato::pipeline::link::AmqpOpener;
 use hot_potato::pipeline::worker::{WorkerContext, WorkerEnd, run};
@@ -76,15 +76,7 @@ async fn start(source: SourceAnswer, body: serde_json::Value) -> Worker {
     body["target_url"] = json!(target(Arc::clone(&forced)).await);
     let new = NewEnrollment::from_json(body).expect("valid enrollment");
     let config = Config::from_vars(Vec::<(String, String)>::new()).expect("default config");
-    let enrollment = Enrollment {
-        id: uuid::Uuid::new_v4(),
-        queue: new.queue,
-        target_url: new.target_url,
-        subscription_args: new.subscription_args,
-        created_at: "2026-01-01T00:00:00Z".into(),
-        delivery: new.delivery,
-        paused: false,
-    };
+    let enrollment = new.into_enrollment(uuid::Uuid::new_v4(), "2026-01-01T00:00:00Z".into());
     let live = Arc::new(LiveEnrollment::new(enrollment, &config.delivery_defaults));
     let dial = Arc::clone(&peer);
     let broker = Arc::new(BrokerSettings {

@@ -43,7 +43,7 @@ use hot_potato::backoff::BackoffSettings;
 use hot_potato::config::Config;
 use hot_potato::enrollment::live::LiveEnrollment;
 use hot_potato::enrollment::outcome::FailureOutcomePolicy;
-use hot_potato::enrollment::record::{Enrollment, NewEnrollment};
+use hot_potato::enrollment::record::NewEnrollment;
 use hot_potato::enrollment::status::{BreakerState, StatusSnapshot, WorkerState};
 use hot_potato::pipeline::link::AmqpOpener;
 use hot_potato::pipeline::worker::{WorkerContext, WorkerEnd, run};
@@ -507,15 +507,7 @@ async fn start(case: &Case) -> Running {
     let (url, server) = serve_target(Arc::clone(&target)).await;
     let new = NewEnrollment::from_json(case.enrollment_body(&url)).expect("a valid enrollment");
     let config = Config::from_vars(Vec::<(String, String)>::new()).expect("default config");
-    let enrollment = Enrollment {
-        id: uuid::Uuid::new_v4(),
-        queue: new.queue,
-        target_url: new.target_url,
-        subscription_args: new.subscription_args,
-        created_at: "2026-01-01T00:00:00Z".into(),
-        delivery: new.delivery,
-        paused: false,
-    };
+    let enrollment = new.into_enrollment(uuid::Uuid::new_v4(), "2026-01-01T00:00:00Z".into());
     let live = Arc::new(LiveEnrollment::new(enrollment, &config.delivery_defaults));
     let dial = Arc::clone(&peer);
     let broker = Arc::new(BrokerSettings {

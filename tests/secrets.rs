@@ -118,6 +118,13 @@ fn assert_sealed_with(db: &Path, key: &str) -> String {
     id
 }
 
+async fn delete_queues(enrolled: &Enrolled) {
+    let mgmt = Management::new();
+    for q in &enrolled.queues {
+        mgmt.delete_queue(q).await;
+    }
+}
+
 /// Starts the daemon with `env` and waits until every enrollment in `ids` is active.
 async fn start_active(db: &Path, env: &[(&str, &str)], ids: &[String]) -> Daemon {
     let daemon = Daemon::start_with(db, env).await;
@@ -248,10 +255,7 @@ async fn secrets_are_sealed_on_disk_survive_restarts_and_rotate() {
     daemon.stop().await;
     assert_no_secret_in(&db);
 
-    let mgmt = Management::new();
-    for q in &enrolled.queues {
-        mgmt.delete_queue(q).await;
-    }
+    delete_queues(&enrolled).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,8 +283,5 @@ async fn secrets_stored_in_clear_are_sealed_at_the_first_start_with_a_key() {
     daemon.stop().await;
     assert_no_secret_in(&db);
 
-    let mgmt = Management::new();
-    for q in &enrolled.queues {
-        mgmt.delete_queue(q).await;
-    }
+    delete_queues(&enrolled).await;
 }

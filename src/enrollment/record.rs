@@ -61,6 +61,20 @@ const SUBSCRIPTION_KEYS: [&str; 4] = ["durable", "selector", "capabilities", "pr
 const TOP_LEVEL_KEYS: [&str; 4] = ["queue", "target_url", "subscription_args", "delivery"];
 
 impl NewEnrollment {
+    /// The enrollment this request creates, under `id`, created at `created_at` (RFC 3339),
+    /// not paused.
+    pub fn into_enrollment(self, id: uuid::Uuid, created_at: String) -> Enrollment {
+        Enrollment {
+            id,
+            queue: self.queue,
+            target_url: self.target_url,
+            subscription_args: self.subscription_args,
+            created_at,
+            delivery: self.delivery,
+            paused: false,
+        }
+    }
+
     /// Validates a parsed JSON body. Separates type errors (400) from refused values (422)
     /// and names the field in every message, which serde's derive cannot do.
     pub fn from_json(body: Value) -> Result<Self, EnrollmentError> {

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::enrollment::live::LiveEnrollment;
 use crate::enrollment::policy::DeliveryDefaults;
-use crate::enrollment::record::{Enrollment, NewEnrollment};
+use crate::enrollment::record::NewEnrollment;
 use crate::enrollment::status::now_rfc3339;
 use crate::enrollment::target::TargetPolicy;
 use crate::fleet::supervisor::{Supervisor, WorkerExit};
@@ -184,15 +184,7 @@ impl<O: LinkOpener> Registry<O> {
         if let Some(entry) = existing {
             return Ok((Created::Existing, entry));
         }
-        let enrollment = Enrollment {
-            id: Uuid::new_v4(),
-            queue: new.queue,
-            target_url: new.target_url,
-            subscription_args: new.subscription_args,
-            created_at: now_rfc3339(),
-            delivery: new.delivery,
-            paused: false,
-        };
+        let enrollment = new.into_enrollment(Uuid::new_v4(), now_rfc3339());
         self.inner.store.insert(enrollment.clone()).await?;
         let entry = Arc::new(LiveEnrollment::new(enrollment, &self.inner.defaults));
         self.write_map(|m| m.insert(entry.enrollment.id, Arc::clone(&entry)));
