@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: a local RabbitMQ with the AMQP 1.0 and management plugins (installed
-# and started when missing), then formatting, lints, and every test target.
+# The whole test suite: a local RabbitMQ 3.10 with the AMQP 1.0 and management plugins, and
+# RabbitMQ 4.0 from Debian trixie in its own root beside it (both installed and started when
+# missing), then formatting, lints, every test target against 3.10, and the broker matrix: the
+# tests whose result depends on broker semantics again against 4.0.
+# HOT_POTATO_SKIP_RABBITMQ4=1 skips RabbitMQ 4.0 and the matrix (see README, Tests).
 # Exits non-zero as soon as one step fails.
 set -euo pipefail
 
@@ -26,6 +29,13 @@ fi
 
 step "broker (amqp://localhost:5672)"
 AMQP_URL=amqp://localhost:5672 "$ROOT/scripts/ensure-broker.sh"
+
+if [[ "${HOT_POTATO_SKIP_RABBITMQ4:-0}" == 1 ]]; then
+    step "RabbitMQ 4.0 skipped (HOT_POTATO_SKIP_RABBITMQ4=1): the broker matrix runs on 3.10 only"
+else
+    step "RabbitMQ 4.0 (amqp://localhost:5673)"
+    "$ROOT/scripts/rabbitmq4.sh" ensure
+fi
 
 # The dashboard test (tests/dashboard.rs) drives a headless Chromium through chromedriver.
 if [[ ! -x /usr/bin/chromedriver ]]; then
@@ -53,8 +63,33 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The tests talk to the broker above and declare their own queues through its management API.
 export HOT_POTATO_TEST_BROKER=amqp://guest:guest@127.0.0.1:5672
 export HOT_POTATO_TEST_MANAGEMENT=http://127.0.0.1:15672
+export HOT_POTATO_TEST_BROKER_KIND=rabbitmq3
 
-step "cargo test --workspace --all-targets -- --test-threads=2"
+step "cargo test --workspace --all-targets -- --test-threads=2 (RabbitMQ 3.10)"
 cargo test --workspace --all-targets -- --test-threads=2
+
+# The broker matrix: what depends on broker semantics (delivery and order, the failure outcome
+# and what the broker does with it, dead letters, poison vs outage, kill -9, broker restart,
+# pause/resume, the counted fault tests) once more against RabbitMQ 4.0, with its expectations.
+MATRIX_BINARIES=(dispatch reliability dead_letters broker_restart process)
+MATRIX_FILTERED=(faults operate)
+MATRIX_FILTERS=(kill_9 flapping malformed pause_keeps)
+if [[ "${HOT_POTATO_SKIP_RABBITMQ4:-0}" != 1 ]]; then
+    step "broker matrix: RabbitMQ 4.0 (${MATRIX_BINARIES[*]}; ${MATRIX_FILTERED[*]}: ${MATRIX_FILTERS[*]})"
+    export HOT_POTATO_TEST_BROKER=amqp://guest:guest@127.0.0.1:5673
+    export HOT_POTATO_TEST_MANAGEMENT=http://127.0.0.1:15673
+    export HOT_POTATO_TEST_BROKER_KIND=rabbitmq4
+    export HOT_POTATO_TEST_RABBITMQCTL="$ROOT/scripts/rabbitmq4.sh ctl"
+    cargo test $(printf -- '--test %s ' "${MATRIX_BINARIES[@]}") -- --test-threads=2
+    cargo test $(printf -- '--test %s ' "${MATRIX_FILTERED[@]}") -- --test-threads=2 "${MATRIX_FILTERS[@]}"
+    step "broker matrix passed"
+    printf '  %-16s %-14s %s\n' "tests" "RabbitMQ 3.10" "RabbitMQ 4.0"
+    for binary in "${MATRIX_BINARIES[@]}"; do
+        printf '  %-16s %-14s %s\n' "$binary" passed passed
+    done
+    for binary in "${MATRIX_FILTERED[@]}"; do
+        printf '  %-16s %-14s %s\n' "$binary" passed "passed (${MATRIX_FILTERS[*]})"
+    done
+fi
 
 step "all checks passed"

@@ -3,13 +3,13 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 
 fn rabbitmqctl(action: &str) {
-    let status = Command::new("rabbitmqctl")
+    let status = broker_kind()
+        .rabbitmqctl()
         .arg(action)
         .status()
         .expect("rabbitmqctl runs");
@@ -21,7 +21,7 @@ struct RestartGuard;
 
 impl Drop for RestartGuard {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").arg("start_app").status();
+        let _ = broker_kind().rabbitmqctl().arg("start_app").status();
     }
 }
 

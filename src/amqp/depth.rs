@@ -8,8 +8,9 @@
 //! byte sizes, decide where a list or map ends. It also refuses what the decoder would read
 //! differently from the bytes' own structure, since only a walk that agrees with the decoder
 //! bounds its recursion:
-//! - an array of lists, maps, arrays or described values: the decoder carries the element
-//!   constructor into the elements' own items, so it nests where the bytes do not;
+//! - an array of arrays or described values (arrays of lists and maps are walked: each
+//!   element is a list or map without its own constructor, as the patched decoder reads it,
+//!   see `vendor/serde_amqp/PATCHES.md`; RabbitMQ 4's `x-opt-deaths` is an array of maps);
 //! - a map with an odd count, or a list, map or array whose size cannot hold its own count
 //!   field: the decoder's arithmetic on them overflows (a panic in a debug build);
 //! - a descriptor that is not a ulong or a symbol, an unknown constructor, a truncated value.
@@ -59,41 +60,48 @@ pub fn check_payload(chunks: &[&[u8]]) -> Result<(), String> {
 /// they nest deeper than `limit` or are not safe to decode. An empty payload passes.
 pub fn check(chunks: &[&[u8]], limit: usize) -> Result<(), Refusal> {
     let mut bytes = Cursor::new(chunks);
-    // The items still to read in each open list, map or described value, innermost last.
+    // The items still to read in each open list, map, described value or array of lists or
+    // maps, innermost last.
     let mut open = Levels::default();
     loop {
-        // The next value is the next item of the innermost level that still has one.
-        loop {
+        // The next value is the next item of the innermost level that still has one; an
+        // array's elements come without a constructor of their own.
+        let implied = loop {
             match open.last_mut() {
-                Some(0) => open.pop(),
-                Some(left) => {
-                    *left -= 1;
-                    break;
+                Some(Level { items: 0, .. }) => open.pop(),
+                Some(level) => {
+                    level.items -= 1;
+                    break level.element;
                 }
                 None if bytes.at_end() => return Ok(()),
-                None => break,
+                None => break None,
             }
-        }
-        let code = bytes.u8()?;
-        let items = match code {
+        };
+        let code = match implied {
+            Some(code) => code,
+            None => bytes.u8()?,
+        };
+        let level = match code {
             0x00 => {
                 descriptor(&mut bytes)?;
-                1
+                Level::items(1)
             }
-            0x45 => 0,
+            0x45 => Level::items(0),
             0xc0 | 0xc1 | 0xd0 | 0xd1 => {
                 let (_size, count) = header(&mut bytes, code)?;
                 if code & 0x0f == 1 && count % 2 == 1 {
                     return Err(Refusal::Malformed("a map with an odd count"));
                 }
-                count
+                Level::items(count)
             }
             0xe0 | 0xf0 => {
                 if open.len() >= limit {
                     return Err(Refusal::TooDeep { limit });
                 }
-                array(&mut bytes, code)?;
-                continue;
+                match array(&mut bytes, code)? {
+                    Some(elements) => elements,
+                    None => continue,
+                }
             }
             _ => {
                 skip_payload(&mut bytes, code)?;
@@ -103,7 +111,24 @@ pub fn check(chunks: &[&[u8]], limit: usize) -> Result<(), Refusal> {
         if open.len() >= limit {
             return Err(Refusal::TooDeep { limit });
         }
-        open.push(items);
+        open.push(level);
+    }
+}
+
+/// One open level: the items still to read, and the constructor they share when the level is
+/// an array of lists or maps.
+#[derive(Clone, Copy, Default)]
+struct Level {
+    items: u32,
+    element: Option<u8>,
+}
+
+impl Level {
+    fn items(items: u32) -> Self {
+        Self {
+            items,
+            element: None,
+        }
     }
 }
 
@@ -132,12 +157,12 @@ fn header(bytes: &mut Cursor<'_>, code: u8) -> Result<(u32, u32), Refusal> {
     Ok((size, count))
 }
 
-/// An array: one constructor, then `count` payloads of it. Only primitive elements are let
-/// through, and they are skipped without opening a level for each.
-fn array(bytes: &mut Cursor<'_>, code: u8) -> Result<(), Refusal> {
+/// An array: one constructor, then `count` payloads of it. Primitive elements are skipped
+/// here; an array of lists or maps is a level whose items are read without constructors.
+fn array(bytes: &mut Cursor<'_>, code: u8) -> Result<Option<Level>, Refusal> {
     let (size, count) = header(bytes, code)?;
     if count == 0 {
-        return Ok(());
+        return Ok(None);
     }
     // The decoder refuses a count over the size; the size must hold count and constructor.
     let overhead = if code == 0xe0 { 2 } else { 5 };
@@ -147,20 +172,24 @@ fn array(bytes: &mut Cursor<'_>, code: u8) -> Result<(), Refusal> {
         ));
     }
     let element = bytes.u8()?;
+    if matches!(element, 0xc0 | 0xc1 | 0xd0 | 0xd1) {
+        return Ok(Some(Level {
+            items: count,
+            element: Some(element),
+        }));
+    }
     if matches!(element, 0x00 | 0xc0..=0xff) {
-        return Err(Refusal::Malformed(
-            "an array of lists, maps, arrays or described values",
-        ));
+        return Err(Refusal::Malformed("an array of arrays or described values"));
     }
     match fixed_width(element) {
-        Some(width) => bytes.skip(u64::from(count) * u64::from(width)),
+        Some(width) => bytes.skip(u64::from(count) * u64::from(width))?,
         None => {
             for _ in 0..count {
                 skip_payload(bytes, element)?;
             }
-            Ok(())
         }
     }
+    Ok(None)
 }
 
 /// Skips the payload of a primitive `code`: a fixed width, or a size and that many bytes.
@@ -266,9 +295,9 @@ impl<'a> Cursor<'a> {
 /// The open levels: a small stack kept inline, spilling to the heap past [`INLINE_LEVELS`].
 #[derive(Default)]
 struct Levels {
-    inline: [u32; INLINE_LEVELS],
+    inline: [Level; INLINE_LEVELS],
     len: usize,
-    spilled: Vec<u32>,
+    spilled: Vec<Level>,
 }
 
 impl Levels {
@@ -276,12 +305,12 @@ impl Levels {
         self.len + self.spilled.len()
     }
 
-    fn push(&mut self, items: u32) {
+    fn push(&mut self, level: Level) {
         if self.len < INLINE_LEVELS {
-            self.inline[self.len] = items;
+            self.inline[self.len] = level;
             self.len += 1;
         } else {
-            self.spilled.push(items);
+            self.spilled.push(level);
         }
     }
 
@@ -291,7 +320,7 @@ impl Levels {
         }
     }
 
-    fn last_mut(&mut self) -> Option<&mut u32> {
+    fn last_mut(&mut self) -> Option<&mut Level> {
         match self.spilled.last_mut() {
             Some(top) => Some(top),
             None if self.len > 0 => Some(&mut self.inline[self.len - 1]),
@@ -506,9 +535,10 @@ mod tests {
         assert!(malformed(&[0xd1, 0, 0, 0, 3, 0, 0, 0, 0]).contains("size smaller"));
         assert!(malformed(&[0xe0, 1, 1, 0x54, 1]).contains("count does not fit"));
         assert!(malformed(&[0xe0, 2, 3, 0x40]).contains("count does not fit"));
-        for element in [0x00, 0xc0, 0xc1, 0xd0, 0xd1, 0xe0, 0xf0] {
-            assert!(malformed(&[0xe0, 4, 1, element, 1, 0]).contains("array of lists"));
+        for element in [0x00, 0xe0, 0xf0] {
+            assert!(malformed(&[0xe0, 4, 1, element, 1, 0]).contains("array of arrays"));
         }
+        assert!(malformed(&[0xe0, 4, 1, 0xc1, 1, 1]).contains("odd count"));
         assert!(malformed(&[0x00, 0xc0, 1, 0, 0x40]).contains("descriptor"));
         assert!(malformed(&[0x1f]).contains("unknown constructor"));
         assert!(malformed(&[0xa1, 5, b'a']).contains("truncated"));
@@ -548,27 +578,92 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_array_of_maps_the_decoder_would_nest_is_refused() {
-        // One map8 element whose bytes are `51 28` pairs: to the walk, a map of 20 byte pairs;
-        // to the decoder, which carries the element constructor into the map's keys, a map
-        // whose first key is a map whose first key is a map... one level per two bytes.
-        let mut element = vec![0x51, 0x28];
-        for _ in 0..40 {
-            element.extend_from_slice(&[0x51, 0x28]);
+    /// A symbol of up to 255 bytes.
+    fn sym8(s: &str) -> Vec<u8> {
+        let mut out = vec![0xa3, u8::try_from(s.len()).expect("short symbol")];
+        out.extend_from_slice(s.as_bytes());
+        out
+    }
+
+    /// Message annotations `{x-opt-deaths: [{reason: R, count: N}, ...]}` the way RabbitMQ 4
+    /// encodes them: an array8 of map8 elements, which carry no constructor of their own.
+    fn deaths_annotations(deaths: &[(&str, u8)]) -> Vec<u8> {
+        let mut elements = Vec::new();
+        for (reason, count) in deaths {
+            let items = [
+                sym8("reason"),
+                sym8(reason),
+                sym8("count"),
+                vec![0x53, *count],
+            ]
+            .concat();
+            elements.push(u8::try_from(items.len() + 1).expect("small map"));
+            elements.push(4);
+            elements.extend_from_slice(&items);
         }
-        let mut bytes = vec![
-            0xe0,
-            u8::try_from(element.len() + 2).expect("fits"),
-            1,
-            0xc1,
-        ];
-        bytes.extend_from_slice(&element);
+        let array = [
+            &[
+                0xe0,
+                u8::try_from(elements.len() + 2).expect("small array"),
+                u8::try_from(deaths.len()).expect("few deaths"),
+                0xc1,
+            ][..],
+            &elements,
+        ]
+        .concat();
+        let items = [sym8("x-opt-deaths"), array].concat();
+        let map = [
+            &[0xc1, u8::try_from(items.len() + 1).expect("small map"), 2][..],
+            &items,
+        ]
+        .concat();
+        [&[0x00, 0x53, 0x72][..], &map].concat()
+    }
+
+    #[test]
+    fn an_array_of_maps_is_walked_and_decodes_as_the_walk_reads_it() {
+        use fe2o3_amqp::types::messaging::Body;
+        use fe2o3_amqp::types::messaging::annotations::OwnedKey;
+        use fe2o3_amqp::types::messaging::message::DecodeIntoMessage;
+        use fe2o3_amqp::types::primitives::OrderedMap;
+
+        let payload = [
+            deaths_annotations(&[("delivery_limit", 3), ("rejected", 1)]),
+            amqp_value(&[0x54, 0x07]),
+        ]
+        .concat();
+        assert_eq!(whole(&payload, MAX_DEPTH), Ok(()));
+        // The array is one level and each map another, below the annotations' map.
         assert_eq!(
-            whole(&amqp_value(&bytes), MAX_DEPTH),
-            Err(Refusal::Malformed(
-                "an array of lists, maps, arrays or described values"
-            ))
+            whole(&payload, 3),
+            Err(Refusal::TooDeep { limit: 3 }),
+            "section, map, array, element map"
+        );
+        assert_eq!(whole(&payload, 4), Ok(()));
+
+        let message = <Body<Value> as DecodeIntoMessage>::decode_message_from_reader(
+            serde_amqp::read::SliceReader::new(&payload),
+        )
+        .expect("an array of maps decodes (vendor/serde_amqp patch)");
+        let annotations = message.message_annotations.expect("annotations");
+        let deaths = annotations
+            .get(&OwnedKey::from(Symbol::from("x-opt-deaths")))
+            .expect("x-opt-deaths");
+        let death = |reason: &str, count: u64| {
+            let mut map = OrderedMap::new();
+            map.insert(
+                Value::Symbol(Symbol::from("reason")),
+                Value::Symbol(Symbol::from(reason)),
+            );
+            map.insert(Value::Symbol(Symbol::from("count")), Value::Ulong(count));
+            Value::Map(map)
+        };
+        assert_eq!(
+            deaths,
+            &Value::Array(Array(vec![
+                death("delivery_limit", 3),
+                death("rejected", 1)
+            ]))
         );
     }
 

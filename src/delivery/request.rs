@@ -8,7 +8,10 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Message, MessageId};
+use fe2o3_amqp::types::messaging::annotations::OwnedKey;
+use fe2o3_amqp::types::messaging::{
+    ApplicationProperties, Body, Message, MessageAnnotations, MessageId,
+};
 use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use uuid::Uuid;
@@ -23,6 +26,16 @@ pub const ENROLLMENT_HEADER: &str = "hot-potato-enrollment-id";
 /// The number of application properties that were not sent as headers, present only when
 /// some were not. Outside `amqp-app-` so no property name can collide with it.
 pub const SKIPPED_PROPERTIES_HEADER: &str = "hot-potato-skipped-properties";
+/// Message annotations (the broker's: RabbitMQ 4's `x-opt-deaths` and `x-first-death-*` on a
+/// dead letter, Artemis' `x-opt-ORIG-ADDRESS`...) become headers under this prefix.
+pub const ANNOTATION_PREFIX: &str = "amqp-annotation-";
+/// The number of message annotations that were not sent as headers, only when some were not.
+pub const SKIPPED_ANNOTATIONS_HEADER: &str = "hot-potato-skipped-annotations";
+/// At most this many message annotations become headers, their names and values within
+/// [`MAX_ANNOTATION_HEADER_BYTES`]: a budget of their own, so neither annotations nor
+/// application properties can crowd the other out.
+pub const MAX_ANNOTATION_HEADERS: usize = 16;
+pub const MAX_ANNOTATION_HEADER_BYTES: usize = 8 * 1024;
 
 /// At most this many application properties become headers. Common HTTP servers refuse a
 /// request with more than 100 header lines (hyper, Apache httpd); 64 leaves room for the
@@ -145,6 +158,16 @@ impl PushRequest {
                 &skipped_properties.to_string(),
             );
         }
+        if let Some(annotations) = &message.message_annotations {
+            let skipped = add_annotations(&mut headers, annotations);
+            if skipped > 0 {
+                insert(
+                    &mut headers,
+                    SKIPPED_ANNOTATIONS_HEADER,
+                    &skipped.to_string(),
+                );
+            }
+        }
         let webhook_id = match message_id.as_deref() {
             _ if !needs_webhook_id => String::new(),
             Some(id) if signing::usable_webhook_id(id) => id.to_owned(),
@@ -188,6 +211,34 @@ fn add_properties(headers: &mut HeaderMap, app: &ApplicationProperties) -> usize
         tracing::debug!(skipped, "application properties not sent as headers");
     }
     skipped
+}
+
+/// Adds the message annotations as `amqp-annotation-*` headers, like [`add_properties`]:
+/// strings and symbols as they are, anything else (`x-opt-deaths`, an array of maps) as JSON
+/// text; returns how many were not added.
+fn add_annotations(headers: &mut HeaderMap, annotations: &MessageAnnotations) -> usize {
+    let total = annotations.0.len();
+    let (mut added, mut bytes) = (0usize, 0usize);
+    for (key, value) in annotations.0.iter() {
+        if added == MAX_ANNOTATION_HEADERS {
+            break;
+        }
+        let key = match key {
+            OwnedKey::Symbol(s) => s.0.to_ascii_lowercase(),
+            OwnedKey::Ulong(n) => n.to_string(),
+        };
+        let name = format!("{ANNOTATION_PREFIX}{key}");
+        let text = match value_to_json(value) {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        let size = name.len() + text.len();
+        if size <= MAX_ANNOTATION_HEADER_BYTES - bytes && insert(headers, &name, &text) {
+            added += 1;
+            bytes += size;
+        }
+    }
+    total - added
 }
 
 /// Adds a header, skipping names or values HTTP cannot carry (a property named with a space,
@@ -457,6 +508,54 @@ mod tests {
         // The property named with a space cannot be a header: counted, and said so.
         assert_eq!(r.skipped_properties, 1);
         assert_eq!(h[SKIPPED_PROPERTIES_HEADER], "1");
+    }
+
+    #[test]
+    fn message_annotations_become_headers_within_their_budget() {
+        use fe2o3_amqp::types::messaging::MessageAnnotations;
+        use fe2o3_amqp::types::primitives::{Array, OrderedMap, Symbol};
+        let mut death = OrderedMap::new();
+        death.insert(
+            Value::from(Symbol::from("reason")),
+            Value::from(Symbol::from("rejected")),
+        );
+        death.insert(Value::from(Symbol::from("count")), Value::Ulong(1));
+        let mut annotations = MessageAnnotations::default();
+        annotations.insert(
+            Symbol::from("x-opt-deaths").into(),
+            Value::Array(Array(vec![Value::Map(death)])),
+        );
+        annotations.insert(
+            Symbol::from("x-first-death-reason").into(),
+            Value::from(Symbol::from("rejected")),
+        );
+        annotations.insert(OwnedKey::Ulong(7), Value::Int(1));
+        let mut m = text("dead");
+        m.message_annotations = Some(annotations);
+        let r = request(&m);
+        let h = &r.headers;
+        assert_eq!(
+            h["amqp-annotation-x-opt-deaths"],
+            r#"[{"count":1,"reason":"rejected"}]"#
+        );
+        assert_eq!(h["amqp-annotation-x-first-death-reason"], "rejected");
+        assert_eq!(h["amqp-annotation-7"], "1");
+        assert!(h.get(SKIPPED_ANNOTATIONS_HEADER).is_none());
+
+        // Many annotations: the first ones that fit are sent, the rest counted.
+        let mut many = MessageAnnotations::default();
+        for i in 0..40 {
+            many.insert(Symbol::from(format!("x-{i}")).into(), Value::Int(i));
+        }
+        many.insert(
+            Symbol::from("x-big").into(),
+            Value::String("v".repeat(9000)),
+        );
+        m.message_annotations = Some(many);
+        let h = request(&m).headers;
+        assert_eq!(h["amqp-annotation-x-0"], "0");
+        assert!(h.get("amqp-annotation-x-16").is_none());
+        assert_eq!(h[SKIPPED_ANNOTATIONS_HEADER], "25");
     }
 
     #[test]

@@ -40,6 +40,48 @@ pub fn management_url() -> String {
     std::env::var("HOT_POTATO_TEST_MANAGEMENT").unwrap_or_else(|_| "http://127.0.0.1:15672".into())
 }
 
+/// The broker family the tests run against, from `HOT_POTATO_TEST_BROKER_KIND`
+/// (`rabbitmq3`, the default, or `rabbitmq4`): `scripts/test.sh` runs the broker matrix by
+/// running the tests whose result depends on broker semantics once per broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// RabbitMQ 3.10 with its AMQP 1.0 plugin: no `modified`, released messages come back
+    /// with delivery-count 0.
+    RabbitMq3,
+    /// RabbitMQ 4.0: native AMQP 1.0, honours `modified{delivery_failed}`.
+    RabbitMq4,
+}
+
+pub fn broker_kind() -> BrokerKind {
+    match std::env::var("HOT_POTATO_TEST_BROKER_KIND").as_deref() {
+        Ok("rabbitmq4") => BrokerKind::RabbitMq4,
+        Ok("rabbitmq3") | Err(_) => BrokerKind::RabbitMq3,
+        Ok(other) => panic!("HOT_POTATO_TEST_BROKER_KIND={other}: expected rabbitmq3 or rabbitmq4"),
+    }
+}
+
+impl BrokerKind {
+    /// The failure outcome hot-potato chooses from what this broker advertises at attach.
+    pub fn failure_outcome(self) -> &'static str {
+        match self {
+            Self::RabbitMq3 => "released",
+            Self::RabbitMq4 => "modified",
+        }
+    }
+
+    /// `rabbitmqctl ARGS` for this broker: `HOT_POTATO_TEST_RABBITMQCTL` (a command and its
+    /// leading arguments, split on spaces, e.g. `scripts/rabbitmq4.sh ctl`), else
+    /// `rabbitmqctl`.
+    pub fn rabbitmqctl(self) -> std::process::Command {
+        let line =
+            std::env::var("HOT_POTATO_TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+        let mut words = line.split_whitespace();
+        let mut command = std::process::Command::new(words.next().unwrap_or("rabbitmqctl"));
+        command.args(words);
+        command
+    }
+}
+
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(

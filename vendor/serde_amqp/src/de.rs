@@ -894,18 +894,20 @@ where
 
                 // If count is zero, jump to visitor
                 match count {
-                    0 => visitor.visit_seq(ArrayAccess::new(self, len, count)),
+                    0 => visitor.visit_seq(ArrayAccess::new(self, len, count, None)),
                     _ => {
                         let format_code = self
                             .read_format_code()
                             .ok_or_else(|| Error::unexpected_eof("Expecting format code"))??;
-                        self.elem_format_code = Some(format_code);
+                        self.elem_format_code = Some(format_code.clone());
 
                         // Account for offset
                         let len = len - OFFSET_ARRAY8;
                         // let buf = self.reader.read_bytes(len)?;
 
-                        visitor.visit_seq(ArrayAccess::new(self, len, count))
+                        // hot-potato patch: the access restores the element constructor
+                        // before each element (a compound element clears it for its items).
+                        visitor.visit_seq(ArrayAccess::new(self, len, count, Some(format_code)))
                     }
                 }
             }
@@ -925,18 +927,20 @@ where
 
                 // If count is zero, jump to visitor
                 match count {
-                    0 => visitor.visit_seq(ArrayAccess::new(self, len, count)),
+                    0 => visitor.visit_seq(ArrayAccess::new(self, len, count, None)),
                     _ => {
                         let format_code = self
                             .read_format_code()
                             .ok_or_else(|| Error::unexpected_eof("Expecting format code"))??;
-                        self.elem_format_code = Some(format_code);
+                        self.elem_format_code = Some(format_code.clone());
 
                         // Account for offset
                         let len = len - OFFSET_ARRAY32;
                         // let buf = self.reader.read_bytes(len)?;
 
-                        visitor.visit_seq(ArrayAccess::new(self, len, count))
+                        // hot-potato patch: the access restores the element constructor
+                        // before each element (a compound element clears it for its items).
+                        visitor.visit_seq(ArrayAccess::new(self, len, count, Some(format_code)))
                     }
                 }
             }
@@ -1092,6 +1096,10 @@ where
             }
             _ => return Err(Error::InvalidFormatCode),
         };
+
+        // hot-potato patch: a map that is an array element was read with the array's element
+        // constructor; its keys and values carry their own constructors.
+        self.elem_format_code = None;
 
         // // AMQP map count includes both key and value, should be halfed
         // let count = count / 2;
@@ -1358,16 +1366,26 @@ pub struct ArrayAccess<'a, R> {
     /// the offset of the first element body. Used as the anchor for the
     /// `consumed > size` overrun check.
     start_pos: usize,
+    /// hot-potato patch: the constructor every element is encoded with (absent when the array
+    /// is empty). Set again before each element, because an element that is itself a list,
+    /// map or array clears it so that its own items read their constructors.
+    elem_code: Option<EncodingCodes>,
 }
 
 impl<'a, 'de, R: Read<'de>> ArrayAccess<'a, R> {
-    pub(crate) fn new(de: &'a mut Deserializer<R>, size: usize, count: usize) -> Self {
+    pub(crate) fn new(
+        de: &'a mut Deserializer<R>,
+        size: usize,
+        count: usize,
+        elem_code: Option<EncodingCodes>,
+    ) -> Self {
         let start_pos = de.reader.bytes_consumed();
         Self {
             de,
             size,
             count,
             start_pos,
+            elem_code,
         }
     }
 }
@@ -1392,6 +1410,7 @@ impl<'de, R: Read<'de>> de::SeqAccess<'de> for ArrayAccess<'_, R> {
             }
             _ => {
                 self.count -= 1;
+                self.de.elem_format_code = self.elem_code.clone();
                 let result = seed.deserialize(self.as_mut())?;
                 // Defense in depth: bound iteration by bytes consumed, not
                 // just by `count`. The pre-loop `count <= len` /
