@@ -72,8 +72,8 @@ cargo test --workspace --all-targets -- --test-threads=2
 # and what the broker does with it, dead letters, poison vs outage, kill -9, broker restart,
 # pause/resume, the counted fault tests) once more against RabbitMQ 4.0, with its expectations.
 MATRIX_BINARIES=(dispatch reliability dead_letters broker_restart process)
-MATRIX_FILTERED=(faults operate)
-MATRIX_FILTERS=(kill_9 flapping malformed pause_keeps)
+MATRIX_FILTERED=(faults operate policy)
+MATRIX_FILTERS=(kill_9 flapping pause_keeps json_logs a_ten_second_outage retries_use reject_on)
 if [[ "${HOT_POTATO_SKIP_RABBITMQ4:-0}" != 1 ]]; then
     step "broker matrix: RabbitMQ 4.0 (${MATRIX_BINARIES[*]}; ${MATRIX_FILTERED[*]}: ${MATRIX_FILTERS[*]})"
     export HOT_POTATO_TEST_BROKER=amqp://guest:guest@127.0.0.1:5673

@@ -286,7 +286,7 @@ async fn a_one_mebibyte_message_is_delivered_whole() {
 /// Local ports of the daemon process's established connections to the broker.
 fn broker_ports_of(pid: u32) -> Vec<u16> {
     let out = Command::new("ss")
-        .args(["-Htnp", "state", "established", "dst", "127.0.0.1:5672"])
+        .args(["-Htnp", "state", "established", "dst", &broker_addr()])
         .output()
         .expect("ss runs");
     String::from_utf8_lossy(&out.stdout)

@@ -148,7 +148,7 @@ async fn a_breaker_open_across_a_reconnect_recovers_with_messages_in_hand() {
     let target = Target::start().await;
     target.set_status(503);
     // The daemon reaches the broker through a proxy whose connections the test can cut.
-    let proxy = hot_potato_testkit::proxy::Proxy::start("127.0.0.1:5672".parse().expect("addr"))
+    let proxy = hot_potato_testkit::proxy::Proxy::start(broker_addr().parse().expect("addr"))
         .await
         .expect("proxy");
     let amqp_url = format!("amqp://guest:guest@{}", proxy.addr());

@@ -36,6 +36,17 @@ pub fn broker_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
 }
 
+/// The broker's `host:port` from [`broker_url`], for proxies and socket counts.
+pub fn broker_addr() -> String {
+    let url = broker_url();
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host)
+        .to_owned()
+}
+
 pub fn management_url() -> String {
     std::env::var("HOT_POTATO_TEST_MANAGEMENT").unwrap_or_else(|_| "http://127.0.0.1:15672".into())
 }
