@@ -3,7 +3,8 @@
 //! [`BrokerKind`]): a message handed back until the queue's delivery limit lands in the
 //! dead-letter queue, and an enrollment on that queue receives it with the broker's death
 //! annotations as headers. RabbitMQ 4.0 encodes `x-opt-deaths` as an AMQP array of maps,
-//! which the unpatched decoder could not read (the message was rejected and lost).
+//! which the unpatched decoder could not read (the message was rejected and lost). On 4.0
+//! the dead-letter queue is enrolled by its v2 address, `/queues/NAME`.
 
 mod common;
 
@@ -37,7 +38,22 @@ async fn a_dead_letter_queue_enrollment_receives_dead_letters_with_their_death_a
         .as_str()
         .expect("id")
         .to_owned();
-    let watcher = daemon.api.enroll_active(&dlq, &alerts.url()).await;
+    // On RabbitMQ 4 the dead-letter queue is enrolled by its v2 address.
+    let dlq_address = match kind {
+        BrokerKind::RabbitMq4 => format!("/queues/{dlq}"),
+        BrokerKind::RabbitMq3 => address(&dlq),
+    };
+    let watcher = daemon
+        .api
+        .enroll(json!({"queue": dlq_address, "target_url": alerts.url()}))
+        .await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    daemon
+        .api
+        .wait_state(&watcher, "active", Duration::from_secs(20))
+        .await;
 
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("poison", 0..3).await;

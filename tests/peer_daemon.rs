@@ -271,3 +271,112 @@ async fn a_half_open_breaker_grants_one_credit_to_probe_with_nothing_in_hand() {
     assert_eq!(e["delivered"], 1, "{e}");
     daemon.stop().await;
 }
+
+/// Artemis names a durable subscription's queue after the connection's container id and the
+/// link name: both must survive a failed link, a dropped connection and a daemon restart, and
+/// none of those may send `detach{closed: true}` (which deletes the subscription). A failed POST
+/// is handed back as `modified{delivery_failed: true}`, which Artemis counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artemis_durable_subscription_keeps_its_names_through_failures_and_restarts() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
+    let peer = Peer::start(PeerConfig::default().with_source(SourceAnswer::artemis()));
+    let addr = peer.listen().await.expect("peer listens");
+    let url = format!("amqp://{addr}");
+    let env = [("AMQP_URL", url.as_str()), ("RECONNECT_MAX_MS", "300")];
+    let (_dir, db) = temp_db();
+    let daemon = Daemon::start_with(&db, &env).await;
+    let status = Arc::new(AtomicU16::new(500));
+    let target = settable_target(status.clone()).await;
+    let e = daemon
+        .api
+        .enroll(json!({
+            "queue": "events", "target_url": target,
+            "subscription_args": {"durable": true, "capabilities": ["topic"]},
+            "delivery": {"retry": {"max_attempts": 1}, "circuit_breaker": {"failure_threshold": 0},
+                         "max_hold_ms": 0}
+        }))
+        .await;
+    let id = e["id"].as_str().expect("id").to_string();
+    let name = format!("hot-potato-{id}");
+    daemon.api.wait_state(&id, "active", WAIT).await;
+
+    peer.send("events", TestMessage::text("m-1"));
+    peer.wait_for(WAIT, |f| f.iter().any(|f| f.as_disposition().is_some()))
+        .await
+        .expect("the failed POST's disposition");
+    match &peer.dispositions()[0].state {
+        Some(DeliveryState::Modified(m)) => {
+            assert_eq!(m.delivery_failed, Some(true), "{m:?}");
+            assert_ne!(m.undeliverable_here, Some(true), "{m:?}");
+        }
+        other => panic!("expected modified, got {other:?}"),
+    }
+    status.store(200, Ordering::SeqCst);
+
+    // The broker fails the link, then drops the connection: each time the link comes back.
+    let attaches = |n: usize| {
+        move |f: &[ClientFrame]| f.iter().filter(|f| f.as_attach().is_some()).count() >= n
+    };
+    peer.detach_links(
+        Some("events"),
+        false,
+        Some(definitions::Error::new(
+            AmqpError::InternalError,
+            Some("queue failed".into()),
+            None,
+        )),
+    );
+    peer.wait_for(WAIT, attaches(2))
+        .await
+        .expect("attached again after the failed link");
+    peer.kill_connections();
+    peer.wait_for(WAIT, attaches(3))
+        .await
+        .expect("attached again after the dropped connection");
+    daemon.api.wait_state(&id, "active", WAIT).await;
+
+    // The daemon stops and starts again on the same file.
+    daemon.stop().await;
+    let daemon = Daemon::start_with(&db, &env).await;
+    peer.wait_for(WAIT, attaches(4))
+        .await
+        .expect("attached again after the restart");
+    daemon.api.wait_state(&id, "active", WAIT).await;
+
+    let frames = peer.frames();
+    let containers: Vec<String> = frames
+        .iter()
+        .filter_map(|f| match &f.body {
+            hot_potato_testkit::peer::FrameBody::Open(open) => Some(open.container_id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        containers.len() >= 3,
+        "a connection per start: {containers:?}"
+    );
+    assert!(containers.iter().all(|c| *c == name), "{containers:?}");
+    let attached = peer.attaches();
+    assert!(attached.iter().all(|a| a.name == name), "{attached:?}");
+    assert!(
+        closed_flags(&peer).iter().all(|closed| !closed),
+        "only DELETE closes: {:?}",
+        closed_flags(&peer)
+    );
+    // The message handed back was delivered again and accepted.
+    peer.wait_for(WAIT, |_| {
+        peer.dispositions()
+            .iter()
+            .any(|d| matches!(d.state, Some(DeliveryState::Accepted(_))))
+    })
+    .await
+    .expect("m-1 accepted once the target answers 200");
+
+    assert_eq!(daemon.api.delete(&id).await, 204);
+    peer.wait_for(WAIT, |f| {
+        f.iter().filter_map(|f| f.as_detach()).any(|d| d.closed)
+    })
+    .await
+    .expect("DELETE closes the subscription");
+    daemon.stop().await;
+}
