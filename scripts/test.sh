@@ -45,6 +45,22 @@ if [[ ! -x /usr/bin/chromedriver ]]; then
     apt-get install -y --no-install-recommends chromium chromium-driver
 fi
 
+# The compose test (tests/compose.rs) validates docker-compose.yml against the Compose
+# specification's JSON schema, which Debian's docker-compose package ships: the package is
+# downloaded and unpacked into target/, not installed.
+COMPOSE_SCHEMA="$ROOT/target/compose-spec/compose_spec.json"
+if [[ ! -f "$COMPOSE_SCHEMA" ]]; then
+    step "fetching the Compose schema from Debian's docker-compose package (not installed)"
+    work="$(mktemp -d)"
+    chmod 755 "$work"
+    (cd "$work" && { apt-get download docker-compose 2>/dev/null || { apt-get update && apt-get download docker-compose; }; })
+    dpkg-deb -x "$work"/docker-compose_*.deb "$work/root"
+    mkdir -p "$(dirname "$COMPOSE_SCHEMA")"
+    cp "$work/root/usr/lib/python3/dist-packages/compose/config/compose_spec.json" "$COMPOSE_SCHEMA"
+    rm -rf "$work"
+fi
+export HOT_POTATO_COMPOSE_SCHEMA="$COMPOSE_SCHEMA"
+
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
     step "installing the rustfmt and clippy components"
     command -v rustup >/dev/null 2>&1 || {
