@@ -366,6 +366,24 @@ mod tests {
         out
     }
 
+    /// `pairs` array32s of one map32 each, `{1: <the next array>}`: two levels a pair, built
+    /// from the inside out.
+    fn nested_arrays_of_maps(pairs: usize) -> Vec<u8> {
+        let mut inner = vec![0x54, 0x01];
+        for _ in 0..pairs {
+            let map_body = [&2u32.to_be_bytes()[..], &[0x54, 0x01], &inner].concat();
+            let element = [&(map_body.len() as u32).to_be_bytes()[..], &map_body].concat();
+            let array_body = [&1u32.to_be_bytes()[..], &[0xd1], &element].concat();
+            inner = [
+                &[0xf0][..],
+                &(array_body.len() as u32).to_be_bytes(),
+                &array_body,
+            ]
+            .concat();
+        }
+        inner
+    }
+
     /// `levels` described values, each describing the next.
     fn nested_described(levels: usize) -> Vec<u8> {
         let mut out = [0x00, 0x53, 0x01].repeat(levels);
@@ -578,6 +596,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn what_passes_the_walk_never_panics_the_decoder() {
+        // Mutated dead letters: the walk's arrays of maps and the patched decoder must agree
+        // closely enough that nothing the walk lets through makes the decoder panic.
+        let mut rng = fastrand::Rng::with_seed(11);
+        let base = [
+            deaths_annotations(&[("delivery_limit", 3), ("rejected", 1)]),
+            amqp_value(&nested_arrays_of_maps(3)),
+        ]
+        .concat();
+        let mut passed = 0;
+        for _ in 0..20_000 {
+            let mut bytes = base.clone();
+            for _ in 0..rng.usize(1..4) {
+                let at = rng.usize(0..bytes.len());
+                bytes[at] = rng.u8(..);
+            }
+            if whole(&bytes, MAX_DEPTH).is_ok() {
+                passed += 1;
+                let _ = decode(&bytes);
+            }
+        }
+        assert!(passed > 1000, "too few mutants pass the walk to mean anything: {passed}");
+    }
+
     /// A symbol of up to 255 bytes.
     fn sym8(s: &str) -> Vec<u8> {
         let mut out = vec![0xa3, u8::try_from(s.len()).expect("short symbol")];
@@ -640,6 +683,12 @@ mod tests {
             "section, map, array, element map"
         );
         assert_eq!(whole(&payload, 4), Ok(()));
+        // Nested arrays of maps take two levels a pair, and the bound holds for them too.
+        let deep = amqp_value(&nested_arrays_of_maps(MAX_DEPTH / 2));
+        assert_eq!(
+            whole(&deep, MAX_DEPTH),
+            Err(Refusal::TooDeep { limit: MAX_DEPTH })
+        );
 
         let message = <Body<Value> as DecodeIntoMessage>::decode_message_from_reader(
             serde_amqp::read::SliceReader::new(&payload),
@@ -685,6 +734,7 @@ mod tests {
                 Value::List(items) => values.extend(items),
                 Value::Map(map) => values.extend(map.into_iter().flat_map(|(k, v)| [k, v])),
                 Value::Described(d) => values.push(d.value),
+                Value::Array(items) => values.extend(items.0),
                 _ => {}
             }
         }
@@ -700,6 +750,7 @@ mod tests {
             ("lists", nested_lists(MAX_DEPTH - 1)),
             ("maps", nested_maps(MAX_DEPTH - 1)),
             ("described", nested_described(MAX_DEPTH - 1)),
+            ("arrays of maps", nested_arrays_of_maps((MAX_DEPTH - 1) / 2)),
         ] {
             let payload = amqp_value(&bytes);
             assert_eq!(whole(&payload, MAX_DEPTH), Ok(()), "{kind}");
