@@ -218,7 +218,7 @@ fn the_dockerfile_builds_in_one_stage_and_runs_unprivileged_in_another() {
         .find_map(|l| l.strip_prefix("USER "))
         .expect("a USER in the runtime stage");
     assert_ne!(user.trim(), "root");
-    assert!(runtime.iter().any(|l| *l == "EXPOSE 8080"));
+    assert!(runtime.contains(&"EXPOSE 8080"));
     assert!(
         runtime
             .iter()
