@@ -190,23 +190,19 @@ impl PushRequest {
 /// one that HTTP can carry and that fits what is left of both caps; returns how many were
 /// not added.
 fn add_properties(headers: &mut HeaderMap, app: &ApplicationProperties) -> usize {
-    let total = app.0.len();
-    let (mut added, mut bytes) = (0usize, 0usize);
-    for (key, value) in app.0.iter() {
-        if added == MAX_PROPERTY_HEADERS {
-            // The rest are not even rendered: a message may carry tens of thousands.
-            break;
-        }
-        let name = format!("{APP_PROPERTY_PREFIX}{}", key.to_ascii_lowercase());
-        let text = simple_value_text(value);
-        let size = name.len() + text.len();
-        // `bytes` never exceeds the cap, so the subtraction cannot underflow.
-        if size <= MAX_PROPERTY_HEADER_BYTES - bytes && insert(headers, &name, &text) {
-            added += 1;
-            bytes += size;
-        }
-    }
-    let skipped = total - added;
+    let entries = app.0.iter().map(|(key, value)| {
+        (
+            format!("{APP_PROPERTY_PREFIX}{}", key.to_ascii_lowercase()),
+            simple_value_text(value),
+        )
+    });
+    let added = add_capped(
+        headers,
+        entries,
+        MAX_PROPERTY_HEADERS,
+        MAX_PROPERTY_HEADER_BYTES,
+    );
+    let skipped = app.0.len() - added;
     if skipped > 0 {
         tracing::debug!(skipped, "application properties not sent as headers");
     }
@@ -217,28 +213,49 @@ fn add_properties(headers: &mut HeaderMap, app: &ApplicationProperties) -> usize
 /// strings and symbols as they are, anything else (`x-opt-deaths`, an array of maps) as JSON
 /// text; returns how many were not added.
 fn add_annotations(headers: &mut HeaderMap, annotations: &MessageAnnotations) -> usize {
-    let total = annotations.0.len();
-    let (mut added, mut bytes) = (0usize, 0usize);
-    for (key, value) in annotations.0.iter() {
-        if added == MAX_ANNOTATION_HEADERS {
-            break;
-        }
+    let entries = annotations.0.iter().map(|(key, value)| {
         let key = match key {
             OwnedKey::Symbol(s) => s.0.to_ascii_lowercase(),
             OwnedKey::Ulong(n) => n.to_string(),
         };
-        let name = format!("{ANNOTATION_PREFIX}{key}");
         let text = match value_to_json(value) {
             serde_json::Value::String(s) => s,
             other => other.to_string(),
         };
+        (format!("{ANNOTATION_PREFIX}{key}"), text)
+    });
+    let added = add_capped(
+        headers,
+        entries,
+        MAX_ANNOTATION_HEADERS,
+        MAX_ANNOTATION_HEADER_BYTES,
+    );
+    annotations.0.len() - added
+}
+
+/// Adds `(name, text)` headers in order, each that HTTP can carry and that fits what is left
+/// of `max_bytes` (names and values together), until `max_count` are added; returns how many
+/// were. The entries past the count are not even rendered: a message may carry tens of
+/// thousands.
+fn add_capped(
+    headers: &mut HeaderMap,
+    mut entries: impl Iterator<Item = (String, String)>,
+    max_count: usize,
+    max_bytes: usize,
+) -> usize {
+    let (mut added, mut bytes) = (0usize, 0usize);
+    while added < max_count {
+        let Some((name, text)) = entries.next() else {
+            break;
+        };
         let size = name.len() + text.len();
-        if size <= MAX_ANNOTATION_HEADER_BYTES - bytes && insert(headers, &name, &text) {
+        // `bytes` never exceeds the cap, so the subtraction cannot underflow.
+        if size <= max_bytes - bytes && insert(headers, &name, &text) {
             added += 1;
             bytes += size;
         }
     }
-    total - added
+    added
 }
 
 /// Adds a header, skipping names or values HTTP cannot carry (a property named with a space,
