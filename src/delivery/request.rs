@@ -103,46 +103,47 @@ impl PushRequest {
         needs_webhook_id: bool,
     ) -> Self {
         let (body, default_type) = body_bytes(&message.body);
-        let mut headers = HeaderMap::new();
+        // Room for the usual dozen without growing; the map grows past it when it must.
+        let mut headers = HeaderMap::with_capacity(16);
         let props = message.properties.as_ref();
         let content_type = props
             .and_then(|p| p.content_type.as_ref())
             .map(|s| s.as_str().to_owned())
             .or_else(|| default_type.map(str::to_owned));
         if let Some(ct) = content_type {
-            insert(&mut headers, CONTENT_TYPE.as_str(), &ct);
+            insert_named(&mut headers, CONTENT_TYPE, &ct);
         }
         let message_id = props
             .and_then(|p| p.message_id.as_ref())
             .map(message_id_text);
         if let Some(id) = &message_id {
-            insert(&mut headers, "amqp-message-id", id);
+            insert_named(&mut headers, names::MESSAGE_ID, id);
         }
         if let Some(p) = props {
             if let Some(id) = &p.correlation_id {
-                insert(&mut headers, "amqp-correlation-id", &message_id_text(id));
+                insert_named(&mut headers, names::CORRELATION_ID, &message_id_text(id));
             }
             if let Some(subject) = &p.subject {
-                insert(&mut headers, "amqp-subject", subject);
+                insert_named(&mut headers, names::SUBJECT, subject);
             }
             if let Some(reply_to) = &p.reply_to {
-                insert(&mut headers, "amqp-reply-to", reply_to);
+                insert_named(&mut headers, names::REPLY_TO, reply_to);
             }
             if let Some(ts) = &p.creation_time {
-                insert(
+                insert_named(
                     &mut headers,
-                    "amqp-creation-time",
+                    names::CREATION_TIME,
                     &ts.milliseconds().to_string(),
                 );
             }
         }
-        insert(
+        insert_named(
             &mut headers,
-            "amqp-delivery-count",
+            names::DELIVERY_COUNT,
             &delivery_count.to_string(),
         );
         if headers
-            .try_insert(ENROLLMENT_HEADER, enrollment_header.clone())
+            .try_insert(names::ENROLLMENT, enrollment_header.clone())
             .is_err()
         {
             tracing::debug!("no room for the enrollment header");
@@ -262,16 +263,37 @@ fn add_capped(
 /// a value with a newline): losing one header beats never delivering the message. Says
 /// whether the header was added.
 fn insert(headers: &mut HeaderMap, name: &str, value: &str) -> bool {
-    match (
-        HeaderName::from_bytes(name.as_bytes()),
-        HeaderValue::from_str(value),
-    ) {
-        (Ok(n), Ok(v)) => headers.try_append(n, v).is_ok(),
-        _ => {
+    match HeaderName::from_bytes(name.as_bytes()) {
+        Ok(n) => insert_named(headers, n, value),
+        Err(_) => {
             tracing::debug!(header = name, "skipped a header HTTP cannot carry");
             false
         }
     }
+}
+
+/// [`insert`] for a name already known to be valid (the fixed `amqp-*` names).
+fn insert_named(headers: &mut HeaderMap, name: HeaderName, value: &str) -> bool {
+    match HeaderValue::from_str(value) {
+        Ok(v) => headers.try_append(name, v).is_ok(),
+        Err(_) => {
+            tracing::debug!(header = name.as_str(), "skipped a header HTTP cannot carry");
+            false
+        }
+    }
+}
+
+/// The fixed header names, checked once at compile time rather than parsed per message.
+mod names {
+    use reqwest::header::HeaderName;
+
+    pub const MESSAGE_ID: HeaderName = HeaderName::from_static("amqp-message-id");
+    pub const CORRELATION_ID: HeaderName = HeaderName::from_static("amqp-correlation-id");
+    pub const SUBJECT: HeaderName = HeaderName::from_static("amqp-subject");
+    pub const REPLY_TO: HeaderName = HeaderName::from_static("amqp-reply-to");
+    pub const CREATION_TIME: HeaderName = HeaderName::from_static("amqp-creation-time");
+    pub const DELIVERY_COUNT: HeaderName = HeaderName::from_static("amqp-delivery-count");
+    pub const ENROLLMENT: HeaderName = HeaderName::from_static(super::ENROLLMENT_HEADER);
 }
 
 /// `msg_` and 32 hex digits of SHA-256 over what makes the message itself: the kind and
