@@ -618,7 +618,10 @@ mod tests {
                 let _ = decode(&bytes);
             }
         }
-        assert!(passed > 1000, "too few mutants pass the walk to mean anything: {passed}");
+        assert!(
+            passed > 1000,
+            "too few mutants pass the walk to mean anything: {passed}"
+        );
     }
 
     /// A symbol of up to 255 bytes.

@@ -149,7 +149,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Stats> {
         .registry
         .sorted_entries()
         .iter()
-        .map(|e| EnrollmentStats::from(e.as_ref()))
+        .map(|e| EnrollmentStats::shared(e.as_ref(), state.cluster.as_ref()))
         .collect();
     let totals = Totals {
         enrollments: enrollments.len(),
