@@ -3,7 +3,7 @@
 //! no coordination; the leases settle the moments when two replicas' lists differ.
 //!
 //! Each enrollment goes to the replica that scores highest for it, unless that replica
-//! already has its share (`ceil(1.05 × n / k)`): then to the next. Plain rendezvous spreads
+//! already has its share (`max(ceil(n / k), floor(1.05 × n / k))`): then to the next. Plain rendezvous spreads
 //! 200 enrollments over 3 replicas only within about ±20 % (two standard deviations); the
 //! bound keeps every replica at most 5 % above the mean (so, with 3 replicas, at most about
 //! 10 % below it), and moves few enrollments when a replica joins or leaves.
@@ -41,14 +41,16 @@ pub fn assign(enrollments: &[Uuid], replicas: &[String]) -> HashMap<Uuid, usize>
     ids.sort_unstable();
     ids.dedup();
     let k = replicas.len();
-    let cap = (ids.len() * (100 + SLACK_PERCENT)).div_ceil(100 * k).max(1);
+    let n = ids.len();
+    // cap × k ≥ n; the slack only where it adds a whole enrollment (2 over 2 go 1 and 1).
+    let cap = n.div_ceil(k).max(n * (100 + SLACK_PERCENT) / (100 * k));
     let mut load = vec![0usize; k];
     let mut ranked: Vec<(u64, usize)> = Vec::with_capacity(k);
     for id in ids {
         ranked.clear();
         ranked.extend(replicas.iter().enumerate().map(|(i, r)| (score(r, &id), i)));
         ranked.sort_unstable_by(|a, b| b.cmp(a));
-        // cap × k ≥ n, so some replica always has room.
+        // Some replica always has room, since cap × k ≥ n.
         if let Some(&(_, chosen)) = ranked.iter().find(|(_, i)| load[*i] < cap) {
             load[chosen] += 1;
             out.insert(id, chosen);
@@ -75,12 +77,20 @@ mod tests {
 
     #[test]
     fn every_enrollment_gets_one_replica_and_the_spread_is_even() {
-        for (n, k) in [(200, 3), (1000, 3), (7, 2), (1, 3), (200, 2), (50, 5)] {
+        for (n, k) in [
+            (200, 3),
+            (1000, 3),
+            (7, 2),
+            (2, 2),
+            (1, 3),
+            (200, 2),
+            (50, 5),
+        ] {
             let ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
             let a = assign(&ids, &replicas(k));
             assert_eq!(a.len(), n);
             let mean = n as f64 / k as f64;
-            let cap = (n * 105).div_ceil(100 * k);
+            let cap = n.div_ceil(k).max(n * 105 / (100 * k));
             for c in counts(&a, k) {
                 assert!(c <= cap, "{n} over {k}: {:?}", counts(&a, k));
                 if n >= 50 && k <= 3 {

@@ -132,9 +132,10 @@ impl Cluster {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let owned = owners.get(&id)?;
-        let status = owned
-            .status
-            .as_deref()
+        // Held here but no longer run here (fenced, handing over): the local state is newer.
+        let status = (owned.owner != self.inner.id)
+            .then_some(owned.status.as_deref())
+            .flatten()
             .and_then(|s| serde_json::from_str(s).ok());
         Some((owned.owner.clone(), status))
     }
