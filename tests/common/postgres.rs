@@ -59,6 +59,13 @@ impl TestDatabase {
     }
 }
 
+impl TestDatabase {
+    /// Runs `sql` on the test's database.
+    pub async fn execute(&self, sql: &str) -> Result<(), String> {
+        execute(&self.url, sql).await
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let (admin, sql) = (
