@@ -20,13 +20,26 @@ pub(super) async fn run(cluster: Cluster) {
     let mut last_renewed = Instant::now();
     let mut fenced = false;
     loop {
+        // Every wait below also ends at the fence deadline, however slow the database is.
+        let deadline = tokio::time::Instant::from_std(last_renewed + settings.fence_after());
         tokio::select! {
             _ = cluster.inner.token.cancelled() => return,
+            _ = tokio::time::sleep_until(deadline), if !fenced => {
+                fenced = fence(&cluster, last_renewed);
+                continue;
+            }
             _ = cluster.inner.wake.notified() => {}
             _ = tokio::time::sleep(settings.tick()) => {}
         }
         let sent = Instant::now();
-        match tokio::time::timeout(settings.call_timeout(), renew(&cluster)).await {
+        let renewed = tokio::select! {
+            renewed = tokio::time::timeout(settings.call_timeout(), renew(&cluster)) => renewed,
+            _ = tokio::time::sleep_until(deadline), if !fenced => {
+                fenced = fence(&cluster, last_renewed);
+                continue;
+            }
+        };
+        match renewed {
             Ok(Ok(held)) => {
                 last_renewed = sent;
                 if fenced {
@@ -38,28 +51,32 @@ pub(super) async fn run(cluster: Cluster) {
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot renew the leases"),
             Err(_) => tracing::warn!("renewing the leases timed out"),
         }
-        if last_renewed.elapsed() >= settings.fence_after() {
-            if !fenced {
-                tracing::error!(
-                    since_ms = last_renewed.elapsed().as_millis() as u64,
-                    "leases not renewed for half their lifetime: stopping every worker before they expire"
-                );
-                fenced = true;
-            }
-            for id in cluster.inner.registry.owned_ids() {
-                if let Some(exit) = cluster.inner.registry.release(id, Release::Fence) {
-                    drop(exit);
+        if fenced || cluster.inner.stopping.is_cancelled() {
+            continue;
+        }
+        let deadline = tokio::time::Instant::from_std(last_renewed + settings.fence_after());
+        tokio::select! {
+            done = tokio::time::timeout(settings.call_timeout(), rebalance(&cluster)) => {
+                if done.is_err() {
+                    tracing::warn!("rebalancing timed out");
                 }
             }
-            continue;
-        }
-        if cluster.inner.stopping.is_cancelled() {
-            continue;
-        }
-        if let Err(e) = tokio::time::timeout(settings.call_timeout(), rebalance(&cluster)).await {
-            tracing::warn!(error = %e, "rebalancing timed out");
+            _ = tokio::time::sleep_until(deadline) => fenced = fence(&cluster, last_renewed),
         }
     }
+}
+
+/// Stops every worker at once (POSTs abandoned, links detached): the leases could not be
+/// renewed for half their lifetime. Returns `true` (fenced).
+fn fence(cluster: &Cluster, last_renewed: Instant) -> bool {
+    tracing::error!(
+        since_ms = last_renewed.elapsed().as_millis() as u64,
+        "leases not renewed for half their lifetime: stopping every worker before they expire"
+    );
+    for id in cluster.inner.registry.owned_ids() {
+        drop(cluster.inner.registry.release(id, Release::Fence));
+    }
+    true
 }
 
 async fn renew(cluster: &Cluster) -> Result<Vec<Uuid>, crate::store::StoreError> {

@@ -222,7 +222,17 @@ impl<O: LinkOpener> Registry<O> {
             return Ok((Created::Existing, entry));
         }
         let enrollment = new.into_enrollment(Uuid::new_v4(), now_rfc3339());
-        self.inner.store.insert(enrollment.clone()).await?;
+        if let Err(e) = self.inner.store.insert(enrollment.clone()).await {
+            // Another replica may have stored the same pair a moment ago: the store's unique
+            // constraint decided, and its row is the answer.
+            return match self
+                .stored_pair(&enrollment.queue, &enrollment.target_url)
+                .await
+            {
+                Some(entry) => Ok((Created::Existing, entry)),
+                None => Err(e),
+            };
+        }
         let entry = Arc::new(LiveEnrollment::new(enrollment, &self.inner.defaults));
         self.write_map(|m| m.insert(entry.enrollment.id, Arc::clone(&entry)));
         // As one replica of many, the lease holder starts it (every replica hears of it).

@@ -64,6 +64,27 @@ impl<O: LinkOpener> Registry<O> {
             .collect()
     }
 
+    /// The stored enrollment for `queue` and `target_url`, listed here if it was not yet
+    /// (replicas only: alone, the map already has every row).
+    pub(super) async fn stored_pair(
+        &self,
+        queue: &str,
+        target_url: &str,
+    ) -> Option<Arc<LiveEnrollment>> {
+        if !self.is_shared() {
+            return None;
+        }
+        let stored = self.inner.store.load_stored().await.ok()?;
+        let row = stored
+            .into_iter()
+            .find(|row| row.enrollment.queue == queue && row.enrollment.target_url == target_url)?;
+        let id = row.enrollment.id;
+        if self.get(id).is_none() {
+            self.list_stored(row);
+        }
+        self.get(id)
+    }
+
     /// Runs `id` here: its lease was just taken. A paused or refused enrollment is owned but
     /// not started. `false` for an id no longer listed or already owned.
     pub async fn adopt(&self, id: Uuid) -> bool {
@@ -109,16 +130,7 @@ impl<O: LinkOpener> Registry<O> {
         let _writes = self.inner.writes.lock().await;
         let id = stored.enrollment.id;
         let Some(entry) = self.get(id) else {
-            let paused = stored.enrollment.paused;
-            let entry = Arc::new(LiveEnrollment::new(stored.enrollment, &self.inner.defaults));
-            entry.status.set_paused(paused);
-            if let Some(reason) = stored.unreadable {
-                WorkerRefused { reason: &reason }.emit(&entry.status);
-                self.unreadable_mut(|u| u.insert(id, reason));
-            } else if paused {
-                WorkerStopped { paused }.emit(&entry.status);
-            }
-            self.write_map(|m| m.insert(id, entry));
+            self.list_stored(stored);
             tracing::info!(enrollment_id = %id, "enrollment made on another replica listed");
             return;
         };
@@ -140,6 +152,21 @@ impl<O: LinkOpener> Registry<O> {
             tracing::info!(enrollment_id = %id, "resumed on another replica; starting here");
             self.start_owned(&entry);
         }
+    }
+
+    /// Lists a stored enrollment this replica did not know (not started: its lease decides).
+    fn list_stored(&self, stored: StoredEnrollment) {
+        let id = stored.enrollment.id;
+        let paused = stored.enrollment.paused;
+        let entry = Arc::new(LiveEnrollment::new(stored.enrollment, &self.inner.defaults));
+        entry.status.set_paused(paused);
+        if let Some(reason) = stored.unreadable {
+            WorkerRefused { reason: &reason }.emit(&entry.status);
+            self.unreadable_mut(|u| u.insert(id, reason));
+        } else if paused {
+            WorkerStopped { paused }.emit(&entry.status);
+        }
+        self.write_map(|m| m.insert(id, entry));
     }
 
     /// Forgets an enrollment deleted on another replica; its owner closes its link
