@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: a local RabbitMQ 3.10 with the AMQP 1.0 and management plugins, and
+# The whole test suite: a local PostgreSQL (replica tests), a local RabbitMQ 3.10 with the AMQP 1.0 and management plugins, and
 # RabbitMQ 4.0 from Debian trixie in its own root beside it (both installed and started when
 # missing), then formatting, lints, every test target against 3.10, and the broker matrix: the
 # tests whose result depends on broker semantics again against 4.0.
@@ -36,6 +36,12 @@ else
     step "RabbitMQ 4.0 (amqp://localhost:5673)"
     "$ROOT/scripts/rabbitmq4.sh" ensure
 fi
+
+# The replica tests (tests/replicas.rs) make a database each on a local PostgreSQL (Debian's
+# package, installed and started when missing).
+step "PostgreSQL (replica tests)"
+HOT_POTATO_TEST_DATABASE="$("$ROOT/scripts/ensure-postgres.sh")"
+export HOT_POTATO_TEST_DATABASE
 
 # The dashboard test (tests/dashboard.rs) drives a headless Chromium through chromedriver.
 if [[ ! -x /usr/bin/chromedriver ]]; then

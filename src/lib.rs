@@ -9,8 +9,8 @@
 //! - [`backoff`] → (nothing): capped exponential backoff with jitter.
 //! - [`seal`] → (nothing): sealing secret strings at rest (keys, XChaCha20-Poly1305).
 //! - [`config`] → enrollment, seal: the typed configuration, read once from the environment.
-//! - [`store`] → enrollment, seal: the enrollment store trait, its SQLite implementation, and
-//!   the wrapper that seals an enrollment's secrets for any store.
+//! - [`store`] → enrollment, seal: the enrollment store trait, its SQLite and PostgreSQL
+//!   implementations, and the wrapper that seals an enrollment's secrets for any store.
 //! - [`telemetry`] → enrollment: metrics, and the events that update status, metric and log.
 //! - [`amqp`] → enrollment: connections, the receiver link, dispositions, the failure outcome.
 //! - [`delivery`] → enrollment, telemetry, shutdown: message → POST, the POST, the verdict,
@@ -19,7 +19,10 @@
 //!   receive → deliver → settle; the one table outcome → disposition.
 //! - [`fleet`] → pipeline, store, enrollment, telemetry, shutdown, backoff: the enrollment map
 //!   and its writes; the supervisor of worker tasks.
-//! - [`api`] → fleet, store, enrollment, telemetry: the HTTP API, its views, security, errors.
+//! - [`cluster`] → fleet, store, enrollment, backoff: replicas on one PostgreSQL database:
+//!   heartbeat, leases, fencing, the even spread, LISTEN/NOTIFY, the shared view.
+//! - [`api`] → cluster, fleet, store, enrollment, telemetry: the HTTP API, its views, security,
+//!   errors.
 //! - [`demo_receiver`] → (nothing): a small HTTP receiver for walkthroughs.
 //!
 //! This file wires the rooms together in [`run`]; `main.rs` only reads the configuration,
@@ -28,6 +31,7 @@
 pub mod amqp;
 pub mod api;
 pub mod backoff;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod demo_receiver;
@@ -46,13 +50,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::connection::{BrokerSettings, ConnectionPool, Dialer};
 use crate::backoff::BackoffSettings;
+use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::Config;
 use crate::delivery::resolver::GuardedResolver;
 use crate::fleet::registry::Registry;
 use crate::fleet::supervisor::Supervisor;
 use crate::pipeline::link::AmqpOpener;
 use crate::pipeline::worker::WorkerContext;
-use crate::store::{EnrollmentStore, SealedStore, SqliteStore, StoreError};
+use crate::store::{EnrollmentStore, PostgresStore, SealedStore, SqliteStore, StoreError};
 use crate::telemetry::metrics::Metrics;
 
 /// Failures that stop the daemon.
@@ -74,9 +79,19 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let store = SqliteStore::open(&config.sqlite_path).await?;
     // Rows still in clear or sealed with SECRETS_KEY_PREVIOUS are sealed again here.
-    let store = SealedStore::start(store, config.secrets.clone()).await?;
+    let (store, postgres): (std::sync::Arc<dyn EnrollmentStore>, _) = match &config.replicas {
+        None => {
+            let store = SqliteStore::open(&config.sqlite_path).await?;
+            let sealed = SealedStore::start(store, config.secrets.clone()).await?;
+            (std::sync::Arc::new(sealed), None)
+        }
+        Some(replicas) => {
+            let store = PostgresStore::connect(&replicas.database_url).await?;
+            let sealed = SealedStore::start(store.clone(), config.secrets.clone()).await?;
+            (std::sync::Arc::new(sealed), Some((store, replicas)))
+        }
+    };
     tracing::info!(store = %store.describe(), "enrollment store ready");
 
     let http = reqwest::Client::builder()
@@ -114,13 +129,33 @@ pub async fn run(
     };
     let token = CancellationToken::new();
     let supervisor = Supervisor::new(ctx, token.clone());
-    let registry = Registry::load(
-        std::sync::Arc::new(store),
-        supervisor.clone(),
+    let (defaults, targets) = (
         config.delivery_defaults.clone(),
         config.target_policy.clone(),
-    )
-    .await?;
+    );
+    let (registry, cluster) = match postgres {
+        None => (
+            Registry::load(store, supervisor.clone(), defaults, targets).await?,
+            None,
+        ),
+        Some((pg, replicas)) => {
+            let registry =
+                Registry::load_shared(store, supervisor.clone(), defaults, targets).await?;
+            let settings = ClusterSettings {
+                lease_ttl: replicas.lease_ttl,
+                snapshot_interval: replicas.snapshot_interval,
+            };
+            let cluster = Cluster::start(
+                pg,
+                registry.clone(),
+                settings,
+                &replicas.name,
+                token.clone(),
+            )
+            .await?;
+            (registry, Some(cluster))
+        }
+    };
 
     // The caller's shutdown future only flips the token; everything else watches the token.
     let trigger = token.clone();
@@ -156,6 +191,7 @@ pub async fn run(
             .with_trusted_proxies(guard.trusted_proxies.clone()),
         ),
         ready_probe: std::sync::Arc::new(api::probe::ReadyProbe::new(guard.ready_probe_interval)),
+        cluster: cluster.clone(),
     });
     let limits = api::serve::ServeLimits {
         header_timeout: guard.header_timeout,
@@ -167,6 +203,10 @@ pub async fn run(
     // Whatever ended the server, the workers are stopped the same way.
     token.cancel();
     supervisor.shutdown(config.shutdown_grace).await;
+    // Leases were renewed while the workers drained; now they are handed back at once.
+    if let Some(cluster) = &cluster {
+        cluster.leave().await;
+    }
     broker.close_pool().await;
     watcher.abort();
     served?;

@@ -101,7 +101,14 @@ pub async fn enroll(
         Created::New => StatusCode::CREATED,
         Created::Existing => StatusCode::OK,
     };
-    Ok((status, Json(EnrollmentView::from(entry.as_ref()))).into_response())
+    Ok((
+        status,
+        Json(EnrollmentView::shared(
+            entry.as_ref(),
+            state.cluster.as_ref(),
+        )),
+    )
+        .into_response())
 }
 
 /// How long enrolling waits for a target's name to resolve.
@@ -184,7 +191,7 @@ pub async fn list(State(state): State<AppState>) -> Json<Vec<EnrollmentView>> {
             .registry
             .sorted_entries()
             .iter()
-            .map(|e| EnrollmentView::from(e.as_ref()))
+            .map(|e| EnrollmentView::shared(e.as_ref(), state.cluster.as_ref()))
             .collect(),
     )
 }
@@ -205,7 +212,10 @@ pub async fn show(
 ) -> Result<Json<EnrollmentView>, ApiError> {
     let id = parse_id(&raw)?;
     let entry = state.registry.get(id).ok_or_else(|| no_enrollment(&raw))?;
-    Ok(Json(EnrollmentView::from(entry.as_ref())))
+    Ok(Json(EnrollmentView::shared(
+        entry.as_ref(),
+        state.cluster.as_ref(),
+    )))
 }
 
 async fn set_paused(
@@ -222,7 +232,10 @@ async fn set_paused(
         .set_paused(id, paused)
         .await?
         .ok_or_else(|| no_enrollment(&raw))?;
-    Ok(Json(EnrollmentView::from(entry.as_ref())))
+    Ok(Json(EnrollmentView::shared(
+        entry.as_ref(),
+        state.cluster.as_ref(),
+    )))
 }
 
 /// Pause: in-flight POSTs finish, the link is detached (`closed=false`) and messages wait in

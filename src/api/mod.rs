@@ -8,6 +8,7 @@
 //! - [`guard`]: the middleware that applies them to every request.
 //! - [`forwarded`]: the client's address behind trusted proxies (`TRUSTED_PROXIES`).
 //! - [`probe`]: the cached store probe behind `/ready`.
+//! - [`replicas`]: the live replicas (`GET /replicas`).
 //! - [`serve`]: the accept loop: header and request timeouts, the connection cap.
 //! - [`error`]: the one error type and its status mapping.
 //! - [`state`]: what handlers reach.
@@ -18,6 +19,7 @@ pub mod forwarded;
 pub mod guard;
 pub mod ops;
 pub mod probe;
+pub mod replicas;
 pub mod security;
 pub mod serve;
 pub mod state;
@@ -59,6 +61,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(ops::health))
         .routes(routes!(ops::ready))
         .routes(routes!(ops::stats))
+        .routes(routes!(replicas::list))
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::openapi_json))
         .routes(routes!(ops::dashboard))

@@ -90,6 +90,10 @@ pub async fn ready(State(state): State<AppState>, headers: HeaderMap) -> Respons
     }
     let mut not_active = Vec::new();
     for live in state.registry.sorted_entries() {
+        // As one replica of many, this replica answers for the enrollments it runs.
+        if !state.registry.runs_here(live.enrollment.id) {
+            continue;
+        }
         let status = live.status.snapshot();
         if matches!(status.state, WorkerState::Active | WorkerState::Paused) {
             continue;
@@ -149,7 +153,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Stats> {
         .registry
         .sorted_entries()
         .iter()
-        .map(|e| EnrollmentStats::from(e.as_ref()))
+        .map(|e| EnrollmentStats::shared(e.as_ref(), state.cluster.as_ref()))
         .collect();
     let totals = Totals {
         enrollments: enrollments.len(),
@@ -173,6 +177,8 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .registry
         .sorted_entries()
         .iter()
+        // Per replica: the enrollments it runs.
+        .filter(|e| state.registry.runs_here(e.enrollment.id))
         .map(|e| (e.status.state(), e.status.breaker()))
         .collect();
     let text = state.metrics.render(&states);

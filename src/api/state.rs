@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::api::probe::ReadyProbe;
 use crate::api::security::ApiSecurity;
+use crate::cluster::Cluster;
 use crate::fleet::registry::Registry;
 use crate::fleet::supervisor::Supervisor;
 use crate::telemetry::metrics::Metrics;
@@ -16,4 +17,6 @@ pub struct AppState {
     pub security: Arc<ApiSecurity>,
     /// The cached store probe behind `/ready`.
     pub ready_probe: Arc<ReadyProbe>,
+    /// This replica's part in the cluster; `None` for a daemon alone on SQLite.
+    pub cluster: Option<Cluster>,
 }

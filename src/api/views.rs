@@ -4,6 +4,7 @@
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::cluster::Cluster;
 use crate::enrollment::live::LiveEnrollment;
 use crate::enrollment::policy::DeliveryPolicy;
 use crate::enrollment::record::SubscriptionArgs;
@@ -20,9 +21,28 @@ pub struct EnrollmentView {
     pub created_at: String,
     /// The effective delivery policy, secrets redacted.
     pub delivery: DeliveryPolicy,
-    /// Where the worker is, its breaker, its counters and last error.
+    /// Where the worker is, its breaker, its counters and last error (as its owner last
+    /// published them, when another replica runs it).
     #[serde(flatten)]
     pub status: StatusSnapshot,
+    /// The replica that runs it (replicas only; `null` while no replica holds its lease).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+}
+
+impl EnrollmentView {
+    /// The view with its owner, and the owner's state and counters when another replica runs
+    /// it.
+    pub fn shared(live: &LiveEnrollment, cluster: Option<&Cluster>) -> Self {
+        let mut view = Self::from(live);
+        if let Some((owner, shared)) = cluster.and_then(|c| c.owner_of(live.enrollment.id)) {
+            view.replica = Some(owner);
+            if let Some(shared) = shared {
+                view.status = shared.status;
+            }
+        }
+        view
+    }
 }
 
 impl From<&LiveEnrollment> for EnrollmentView {
@@ -36,6 +56,7 @@ impl From<&LiveEnrollment> for EnrollmentView {
             created_at: e.created_at.clone(),
             delivery: live.policy.redacted(),
             status: live.status.snapshot(),
+            replica: None,
         }
     }
 }
@@ -66,12 +87,30 @@ pub struct EnrollmentStats {
     pub rate_per_sec_1m: f64,
     /// Deliveries in each of the last 60 seconds, oldest first.
     pub rate_history: Vec<u64>,
+    /// The replica that runs it (replicas only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
-impl From<&LiveEnrollment> for EnrollmentStats {
-    fn from(live: &LiveEnrollment) -> Self {
-        let s = live.status.snapshot();
-        let rate_history = live.status.rate_history();
+impl EnrollmentStats {
+    /// The stats with their owner, as the owner last published them when another replica
+    /// runs it.
+    pub fn shared(live: &LiveEnrollment, cluster: Option<&Cluster>) -> Self {
+        let owner = cluster.and_then(|c| c.owner_of(live.enrollment.id));
+        let (replica, shared) = match owner {
+            Some((replica, shared)) => (Some(replica), shared),
+            None => (None, None),
+        };
+        let (s, rate_history) = match shared {
+            Some(shared) => (shared.status, shared.rate_history),
+            None => (live.status.snapshot(), live.status.rate_history()),
+        };
+        let mut stats = Self::from_parts(live, s, rate_history);
+        stats.replica = replica;
+        stats
+    }
+
+    fn from_parts(live: &LiveEnrollment, s: StatusSnapshot, rate_history: Vec<u64>) -> Self {
         let total: u64 = rate_history.iter().sum();
         Self {
             id: live.enrollment.id,
@@ -92,6 +131,13 @@ impl From<&LiveEnrollment> for EnrollmentStats {
             last_success_at: s.last_success_at,
             rate_per_sec_1m: total as f64 / 60.0,
             rate_history,
+            replica: None,
         }
+    }
+}
+
+impl From<&LiveEnrollment> for EnrollmentStats {
+    fn from(live: &LiveEnrollment) -> Self {
+        Self::from_parts(live, live.status.snapshot(), live.status.rate_history())
     }
 }

@@ -10,10 +10,12 @@ use url::Url;
 
 mod api_guard;
 mod raw;
+mod replicas;
 mod secrets;
 mod target;
 
 pub use api_guard::ApiGuardSettings;
+pub use replicas::ReplicaSettings;
 
 use raw::RawConfig;
 
@@ -105,6 +107,8 @@ pub struct Config {
     pub secrets: Keyring,
     /// API timeouts, connection cap, readiness probe interval, trusted proxies.
     pub api_guard: ApiGuardSettings,
+    /// `DATABASE_URL` and the lease settings: `Some` runs this daemon as one replica of many.
+    pub replicas: Option<ReplicaSettings>,
 }
 
 impl Config {
@@ -290,6 +294,12 @@ impl Config {
             amqp_max_message_bytes: raw.amqp_max_message_bytes,
             secrets: secrets::from_raw(raw.secrets_key, raw.secrets_key_previous)?,
             api_guard,
+            replicas: replicas::replica_settings(
+                raw.database_url,
+                raw.lease_ttl_ms,
+                raw.snapshot_interval_ms,
+                raw.replica_name,
+            )?,
         })
     }
 
@@ -325,6 +335,7 @@ impl fmt::Debug for Config {
             .field("amqp_max_message_bytes", &self.amqp_max_message_bytes)
             .field("secrets", &self.secrets)
             .field("api_guard", &self.api_guard)
+            .field("replicas", &self.replicas)
             .finish()
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::replicas::RawDatabaseUrl;
 use super::secrets::RawSecret;
 
 /// Raw values as they come from the environment; field names are the variable names in
@@ -87,6 +88,14 @@ pub(super) struct RawConfig {
     pub(super) ready_probe_interval_ms: u64,
     #[serde(default)]
     pub(super) trusted_proxies: Option<String>,
+    #[serde(default)]
+    pub(super) database_url: Option<RawDatabaseUrl>,
+    #[serde(default = "default_lease_ttl_ms")]
+    pub(super) lease_ttl_ms: u64,
+    #[serde(default = "default_snapshot_interval_ms")]
+    pub(super) snapshot_interval_ms: u64,
+    #[serde(default)]
+    pub(super) replica_name: Option<String>,
 }
 
 fn default_amqp_url() -> String {
@@ -165,4 +174,10 @@ fn default_api_max_connections() -> usize {
 }
 fn default_ready_probe_interval_ms() -> u64 {
     5_000
+}
+fn default_lease_ttl_ms() -> u64 {
+    10_000
+}
+fn default_snapshot_interval_ms() -> u64 {
+    2_000
 }

@@ -2,8 +2,8 @@
 //! committed to the store first, then applied to the map and to the supervisor, all under one
 //! lock so that map, store and running workers never disagree.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
 
 use uuid::Uuid;
 
@@ -29,7 +29,7 @@ pub enum Created {
 
 /// `O` opens the workers' links (see [`Supervisor`]).
 pub struct Registry<O = AmqpOpener> {
-    inner: Arc<Inner<O>>,
+    pub(super) inner: Arc<Inner<O>>,
 }
 
 impl<O> Clone for Registry<O> {
@@ -40,19 +40,23 @@ impl<O> Clone for Registry<O> {
     }
 }
 
-struct Inner<O> {
-    store: Arc<dyn EnrollmentStore>,
-    supervisor: Supervisor<O>,
-    defaults: DeliveryDefaults,
+pub(super) struct Inner<O> {
+    pub(super) store: Arc<dyn EnrollmentStore>,
+    pub(super) supervisor: Supervisor<O>,
+    pub(super) defaults: DeliveryDefaults,
     target_policy: TargetPolicy,
     /// The read path. A std lock: held only for map operations, never across `.await`.
     map: RwLock<HashMap<Uuid, Arc<LiveEnrollment>>>,
     /// Enrollments whose stored settings could not be read at start, with the reason: listed
     /// as stopped and never started. Fixed after load, so no lock.
-    unreadable: HashMap<Uuid, String>,
+    pub(super) unreadable: Mutex<HashMap<Uuid, String>>,
     /// Serialises create/delete end to end (disk, map, worker) so concurrent requests for the
     /// same pair or id cannot interleave.
-    writes: tokio::sync::Mutex<()>,
+    pub(super) writes: tokio::sync::Mutex<()>,
+    /// `None` alone: every enrollment runs here. `Some` as one replica of many: only the
+    /// enrollments in the set, whose leases this replica holds (see [`crate::fleet::shared`]).
+    /// Std mutex: held for set operations only.
+    pub(super) owned: Option<Mutex<HashSet<Uuid>>>,
 }
 
 impl<O: LinkOpener> Registry<O> {
@@ -63,6 +67,27 @@ impl<O: LinkOpener> Registry<O> {
         supervisor: Supervisor<O>,
         defaults: DeliveryDefaults,
         target_policy: TargetPolicy,
+    ) -> Result<Self, StoreError> {
+        Self::load_with(store, supervisor, defaults, target_policy, false).await
+    }
+
+    /// Loads every stored enrollment as one replica of many: none is started here; the
+    /// enrollments whose leases this replica takes are started by [`Registry::adopt`].
+    pub async fn load_shared(
+        store: Arc<dyn EnrollmentStore>,
+        supervisor: Supervisor<O>,
+        defaults: DeliveryDefaults,
+        target_policy: TargetPolicy,
+    ) -> Result<Self, StoreError> {
+        Self::load_with(store, supervisor, defaults, target_policy, true).await
+    }
+
+    async fn load_with(
+        store: Arc<dyn EnrollmentStore>,
+        supervisor: Supervisor<O>,
+        defaults: DeliveryDefaults,
+        target_policy: TargetPolicy,
+        shared: bool,
     ) -> Result<Self, StoreError> {
         let stored = store.load_stored().await?;
         let mut map = HashMap::with_capacity(stored.len());
@@ -84,6 +109,7 @@ impl<O: LinkOpener> Registry<O> {
             };
             match admitted {
                 Ok(()) if paused => WorkerStopped { paused }.emit(&entry.status),
+                Ok(()) if shared => {}
                 Ok(()) => supervisor.start(Arc::clone(&entry)),
                 Err(reason) => WorkerRefused { reason: &reason }.emit(&entry.status),
             }
@@ -97,8 +123,9 @@ impl<O: LinkOpener> Registry<O> {
                 defaults,
                 target_policy,
                 map: RwLock::new(map),
-                unreadable,
+                unreadable: Mutex::new(unreadable),
                 writes: tokio::sync::Mutex::new(()),
+                owned: shared.then(|| Mutex::new(HashSet::new())),
             }),
         })
     }
@@ -113,7 +140,10 @@ impl<O: LinkOpener> Registry<O> {
         f(&guard)
     }
 
-    fn write_map<T>(&self, f: impl FnOnce(&mut HashMap<Uuid, Arc<LiveEnrollment>>) -> T) -> T {
+    pub(super) fn write_map<T>(
+        &self,
+        f: impl FnOnce(&mut HashMap<Uuid, Arc<LiveEnrollment>>) -> T,
+    ) -> T {
         let mut guard = self
             .inner
             .map
@@ -151,9 +181,16 @@ impl<O: LinkOpener> Registry<O> {
 
     /// Whether a stored enrollment may run: its settings were readable and the target is
     /// admitted.
-    fn admit(&self, entry: &LiveEnrollment) -> Result<(), String> {
-        if let Some(reason) = self.inner.unreadable.get(&entry.enrollment.id) {
-            return Err(reason.clone());
+    pub(super) fn admit(&self, entry: &LiveEnrollment) -> Result<(), String> {
+        let unreadable = self
+            .inner
+            .unreadable
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&entry.enrollment.id)
+            .cloned();
+        if let Some(reason) = unreadable {
+            return Err(reason);
         }
         check_target(&self.inner.target_policy, &entry.enrollment.target_url)
     }
@@ -185,10 +222,23 @@ impl<O: LinkOpener> Registry<O> {
             return Ok((Created::Existing, entry));
         }
         let enrollment = new.into_enrollment(Uuid::new_v4(), now_rfc3339());
-        self.inner.store.insert(enrollment.clone()).await?;
+        if let Err(e) = self.inner.store.insert(enrollment.clone()).await {
+            // Another replica may have stored the same pair a moment ago: the store's unique
+            // constraint decided, and its row is the answer.
+            return match self
+                .stored_pair(&enrollment.queue, &enrollment.target_url)
+                .await
+            {
+                Some(entry) => Ok((Created::Existing, entry)),
+                None => Err(e),
+            };
+        }
         let entry = Arc::new(LiveEnrollment::new(enrollment, &self.inner.defaults));
         self.write_map(|m| m.insert(entry.enrollment.id, Arc::clone(&entry)));
-        self.inner.supervisor.start(Arc::clone(&entry));
+        // As one replica of many, the lease holder starts it (every replica hears of it).
+        if self.inner.owned.is_none() {
+            self.inner.supervisor.start(Arc::clone(&entry));
+        }
         tracing::info!(enrollment_id = %entry.enrollment.id, queue = %entry.enrollment.queue, "enrolled");
         Ok((Created::New, entry))
     }
@@ -211,6 +261,11 @@ impl<O: LinkOpener> Registry<O> {
             }
             self.inner.store.set_paused(id, paused).await?;
             entry.status.set_paused(paused);
+            if !self.runs_here(id) {
+                // The owner hears of the change from the store and applies it.
+                tracing::info!(enrollment_id = %id, paused, "pause changed; the owner applies it");
+                return Ok(Some(entry));
+            }
             let stopping = if paused {
                 tracing::info!(enrollment_id = %id, "paused");
                 Some(self.inner.supervisor.stop(id))
@@ -248,6 +303,12 @@ impl<O: LinkOpener> Registry<O> {
         }
         self.inner.store.delete(id).await?;
         let removed = self.write_map(|m| m.remove(&id));
+        if !self.runs_here(id) {
+            // The owner hears of the delete from the store and closes the link itself.
+            tracing::info!(enrollment_id = %id, "deleted enrollment; the owner closes its link");
+            return Ok(Some(self.inner.supervisor.stop(id)));
+        }
+        self.disown(id);
         let exit = self.inner.supervisor.remove(id);
         if !exit.had_worker()
             && let Some(entry) = removed

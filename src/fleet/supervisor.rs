@@ -59,12 +59,41 @@ struct WorkerHandle {
 /// Resolves when a removed worker has exited.
 pub struct WorkerExit {
     finished: Option<CancellationToken>,
+    /// The worker's abandon signal, for a stop that must end sooner than its POSTs would.
+    abandon: Option<CancellationToken>,
 }
 
 impl WorkerExit {
     /// Whether a worker was running to be stopped.
     pub fn had_worker(&self) -> bool {
         self.finished.is_some()
+    }
+
+    /// Whether the worker has exited (or there was none).
+    pub fn is_done(&self) -> bool {
+        self.finished
+            .as_ref()
+            .is_none_or(CancellationToken::is_cancelled)
+    }
+
+    /// Waits up to `limit` for the worker to exit; if it has not, abandons its POSTs under
+    /// way (their messages are handed back) and waits up to `limit` again. `true` if it exited.
+    pub async fn abandon_after(self, limit: Duration) -> bool {
+        let Some(finished) = self.finished else {
+            return true;
+        };
+        if tokio::time::timeout(limit, finished.cancelled())
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        if let Some(abandon) = &self.abandon {
+            abandon.cancel();
+        }
+        tokio::time::timeout(limit, finished.cancelled())
+            .await
+            .is_ok()
     }
 
     /// Waits up to `limit` for the worker to exit; `true` if it did.
@@ -154,11 +183,15 @@ impl<O: LinkOpener> Supervisor<O> {
                 });
                 WorkerExit {
                     finished: Some(h.finished),
+                    abandon: Some(h.signals.abandon),
                 }
             }
             None => {
                 metrics.forget_enrollment(id);
-                WorkerExit { finished: None }
+                WorkerExit {
+                    finished: None,
+                    abandon: None,
+                }
             }
         }
     }
@@ -171,9 +204,33 @@ impl<O: LinkOpener> Supervisor<O> {
                 h.signals.stop.cancel();
                 WorkerExit {
                     finished: Some(h.finished),
+                    abandon: Some(h.signals.abandon),
                 }
             }
-            None => WorkerExit { finished: None },
+            None => WorkerExit {
+                finished: None,
+                abandon: None,
+            },
+        }
+    }
+
+    /// Tells the worker of `id` to stop at once: POSTs under way are abandoned and their
+    /// messages handed back, the link detaches (`closed=false`). Used when a lease can no
+    /// longer be renewed, so the worker is gone before the lease expires.
+    pub fn fence(&self, id: Uuid) -> WorkerExit {
+        match self.workers().remove(&id) {
+            Some(h) => {
+                h.signals.abandon.cancel();
+                h.signals.stop.cancel();
+                WorkerExit {
+                    finished: Some(h.finished),
+                    abandon: Some(h.signals.abandon),
+                }
+            }
+            None => WorkerExit {
+                finished: None,
+                abandon: None,
+            },
         }
     }
 

@@ -2,6 +2,8 @@
 //! implementations. SQLite ([`sqlite`]) is the embedded default; [`sealed`] wraps any of them
 //! to keep secrets sealed at rest.
 
+pub mod postgres;
+pub mod postgres_cluster;
 pub mod sealed;
 pub mod sqlite;
 
@@ -14,6 +16,7 @@ use uuid::Uuid;
 use crate::enrollment::record::Enrollment;
 use crate::seal::SealError;
 
+pub use postgres::PostgresStore;
 pub use sealed::SealedStore;
 pub use sqlite::SqliteStore;
 
@@ -58,6 +61,17 @@ pub trait EnrollmentStore: Send + Sync + 'static {
                 .collect()
         })
     }
+    /// One stored enrollment, read as [`EnrollmentStore::load_stored`] reads it; `None` when
+    /// it is not stored (replicas reload a row another replica changed).
+    fn load_one(&self, id: Uuid) -> StoreFuture<'_, Option<StoredEnrollment>> {
+        let stored = self.load_stored();
+        Box::pin(async move {
+            Ok(stored
+                .await?
+                .into_iter()
+                .find(|row| row.enrollment.id == id))
+        })
+    }
     /// Commits a new enrollment.
     fn insert(&self, enrollment: Enrollment) -> StoreFuture<'_, ()>;
     /// Rewrites a stored enrollment in full, found by its id (used at start to seal secrets
@@ -80,6 +94,10 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
+    #[error("PostgreSQL error: {0}")]
+    Pg(#[from] tokio_postgres::Error),
     #[error("SQLite error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("stored enrollment {id} is unreadable: {reason}")]

@@ -80,6 +80,23 @@ impl<S: EnrollmentStore> SealedStore<S> {
         Ok(rows)
     }
 
+    async fn load_one_opened(&self, id: Uuid) -> Result<Option<StoredEnrollment>, StoreError> {
+        let Some(mut row) = self.inner.load_one(id).await? else {
+            return Ok(None);
+        };
+        if let Err(problems) = open_secrets(&self.keys, &mut row.enrollment) {
+            let reason = format!(
+                "its secrets cannot be opened ({}). It is not started: start with the key that sealed it, or delete and re-create it",
+                problems.join("; ")
+            );
+            row.unreadable = Some(match row.unreadable.take() {
+                Some(earlier) => format!("{earlier}; {reason}"),
+                None => reason,
+            });
+        }
+        Ok(Some(row))
+    }
+
     async fn insert_sealed(&self, mut enrollment: Enrollment) -> Result<(), StoreError> {
         seal_secrets(&self.keys, &mut enrollment)?;
         self.inner.insert(enrollment).await
@@ -104,6 +121,9 @@ impl<S: EnrollmentStore> EnrollmentStore for SealedStore<S> {
     }
     fn load_stored(&self) -> StoreFuture<'_, Vec<StoredEnrollment>> {
         Box::pin(self.load_opened())
+    }
+    fn load_one(&self, id: Uuid) -> StoreFuture<'_, Option<StoredEnrollment>> {
+        Box::pin(self.load_one_opened(id))
     }
     fn insert(&self, enrollment: Enrollment) -> StoreFuture<'_, ()> {
         Box::pin(self.insert_sealed(enrollment))

@@ -5,6 +5,8 @@
 //! in-process) and the tests' time limit stay here.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
