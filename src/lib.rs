@@ -12,14 +12,18 @@
 //! - [`store`] → enrollment, seal: the enrollment store trait, its SQLite implementation, and
 //!   the wrapper that seals an enrollment's secrets for any store.
 //! - [`telemetry`] → enrollment: metrics, and the events that update status, metric and log.
-//! - [`amqp`] → enrollment: connections, the receiver link, dispositions, the failure outcome.
+//! - [`amqp`] → enrollment: connections, the receiver link, dispositions, the failure outcome,
+//!   the publisher and the reply link.
 //! - [`delivery`] → enrollment, telemetry, shutdown: message → POST, the POST, the verdict,
 //!   breaker, signing, one message's attempts.
 //! - [`pipeline`] → amqp, delivery, enrollment, telemetry, shutdown, backoff: the worker:
-//!   receive → deliver → settle; the one table outcome → disposition.
+//!   receive → deliver → reply → settle; the one table outcome → disposition.
 //! - [`fleet`] → pipeline, store, enrollment, telemetry, shutdown, backoff: the enrollment map
 //!   and its writes; the supervisor of worker tasks.
-//! - [`api`] → fleet, store, enrollment, telemetry: the HTTP API, its views, security, errors.
+//! - [`relay`] → amqp, delivery, enrollment, telemetry, backoff: HTTP → queue (publish) and
+//!   HTTP → queue → HTTP (request): the reply link and the correlation of replies.
+//! - [`api`] → fleet, store, enrollment, telemetry, relay: the HTTP API, its views, security,
+//!   errors.
 //! - [`demo_receiver`] → (nothing): a small HTTP receiver for walkthroughs.
 //!
 //! This file wires the rooms together in [`run`]; `main.rs` only reads the configuration,
@@ -34,6 +38,7 @@ pub mod demo_receiver;
 pub mod enrollment;
 pub mod fleet;
 pub mod pipeline;
+pub mod relay;
 pub mod seal;
 pub mod shutdown;
 pub mod store;
@@ -45,13 +50,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::connection::{BrokerSettings, ConnectionPool, Dialer};
+use crate::amqp::publish::Publisher;
 use crate::backoff::BackoffSettings;
 use crate::config::Config;
 use crate::delivery::resolver::GuardedResolver;
 use crate::fleet::registry::Registry;
 use crate::fleet::supervisor::Supervisor;
 use crate::pipeline::link::AmqpOpener;
+use crate::pipeline::reply::Replier;
 use crate::pipeline::worker::WorkerContext;
+use crate::relay::Relay;
 use crate::store::{EnrollmentStore, SealedStore, SqliteStore, StoreError};
 use crate::telemetry::metrics::Metrics;
 
@@ -99,6 +107,26 @@ pub async fn run(
         dialer: Dialer::Tcp,
         max_message_size: config.amqp_max_message_bytes,
     });
+    let token = CancellationToken::new();
+    let publisher =
+        std::sync::Arc::new(Publisher::new(broker.clone(), config.amqp_connect_timeout));
+    let relay = std::sync::Arc::new(Relay::new(
+        publisher.clone(),
+        metrics.clone(),
+        config.relay.publish_addresses.clone(),
+        config.relay.publish_max_bytes,
+        token.clone(),
+    ));
+    let reconnect = BackoffSettings {
+        min: config.reconnect_min,
+        max: config.reconnect_max,
+    };
+    let replies = tokio::spawn(relay::replies::run(
+        relay.clone(),
+        broker.clone(),
+        config.relay.reply_address.clone(),
+        reconnect,
+    ));
     let ctx = WorkerContext {
         opener: std::sync::Arc::new(AmqpOpener {
             broker: broker.clone(),
@@ -106,13 +134,13 @@ pub async fn run(
         }),
         http,
         default_prefetch: config.default_prefetch,
-        reconnect: BackoffSettings {
-            min: config.reconnect_min,
-            max: config.reconnect_max,
-        },
+        reconnect,
         metrics: metrics.clone(),
+        replier: Some(Replier {
+            publisher: publisher.clone(),
+            metrics: metrics.clone(),
+        }),
     };
-    let token = CancellationToken::new();
     let supervisor = Supervisor::new(ctx, token.clone());
     let registry = Registry::load(
         std::sync::Arc::new(store),
@@ -156,6 +184,7 @@ pub async fn run(
             .with_trusted_proxies(guard.trusted_proxies.clone()),
         ),
         ready_probe: std::sync::Arc::new(api::probe::ReadyProbe::new(guard.ready_probe_interval)),
+        relay,
     });
     let limits = api::serve::ServeLimits {
         header_timeout: guard.header_timeout,
@@ -167,6 +196,8 @@ pub async fn run(
     // Whatever ended the server, the workers are stopped the same way.
     token.cancel();
     supervisor.shutdown(config.shutdown_grace).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), replies).await;
+    publisher.close().await;
     broker.close_pool().await;
     watcher.abort();
     served?;

@@ -6,6 +6,7 @@ use crate::api::probe::ReadyProbe;
 use crate::api::security::ApiSecurity;
 use crate::fleet::registry::Registry;
 use crate::fleet::supervisor::Supervisor;
+use crate::relay::Relay;
 use crate::telemetry::metrics::Metrics;
 
 #[derive(Clone)]
@@ -16,4 +17,6 @@ pub struct AppState {
     pub security: Arc<ApiSecurity>,
     /// The cached store probe behind `/ready`.
     pub ready_probe: Arc<ReadyProbe>,
+    /// `POST /publish` and `POST /request`.
+    pub relay: Arc<Relay>,
 }

@@ -10,10 +10,12 @@ use url::Url;
 
 mod api_guard;
 mod raw;
+mod relay;
 mod secrets;
 mod target;
 
 pub use api_guard::ApiGuardSettings;
+pub use relay::RelaySettings;
 
 use raw::RawConfig;
 
@@ -105,6 +107,8 @@ pub struct Config {
     pub secrets: Keyring,
     /// API timeouts, connection cap, readiness probe interval, trusted proxies.
     pub api_guard: ApiGuardSettings,
+    /// `PUBLISH_MAX_BYTES`, `PUBLISH_ADDRESSES`, `REPLY_ADDRESS`.
+    pub relay: RelaySettings,
 }
 
 impl Config {
@@ -228,6 +232,7 @@ impl Config {
             ));
         }
         let api_guard = ApiGuardSettings::from_raw(&raw)?;
+        let relay = RelaySettings::from_raw(&raw)?;
         let api_token = raw.api_token.filter(|t| !t.is_empty());
         if api_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("API_TOKEN", "must be at least 16 characters"));
@@ -290,6 +295,7 @@ impl Config {
             amqp_max_message_bytes: raw.amqp_max_message_bytes,
             secrets: secrets::from_raw(raw.secrets_key, raw.secrets_key_previous)?,
             api_guard,
+            relay,
         })
     }
 
@@ -325,6 +331,7 @@ impl fmt::Debug for Config {
             .field("amqp_max_message_bytes", &self.amqp_max_message_bytes)
             .field("secrets", &self.secrets)
             .field("api_guard", &self.api_guard)
+            .field("relay", &self.relay)
             .finish()
     }
 }

@@ -70,7 +70,16 @@ pub struct DeliverySettings {
     pub auth: Option<Auth>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing: Option<Signing>,
+    /// Publish the target's final answer to a message's `reply-to` (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<bool>,
+    /// Response headers copied into the reply as application properties.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_headers: Option<Vec<String>>,
 }
+
+/// At most this many `delivery.reply_headers`.
+pub const MAX_REPLY_HEADERS: usize = 32;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -274,6 +283,23 @@ impl DeliverySettings {
                 return invalid("auth", "name and value must form a valid HTTP header");
             }
             _ => {}
+        }
+        if let Some(names) = &self.reply_headers {
+            if names.len() > MAX_REPLY_HEADERS {
+                return invalid(
+                    "reply_headers",
+                    &format!("must list at most {MAX_REPLY_HEADERS} headers"),
+                );
+            }
+            if let Some(bad) = names
+                .iter()
+                .find(|n| reqwest::header::HeaderName::from_bytes(n.as_bytes()).is_err())
+            {
+                return invalid(
+                    "reply_headers",
+                    &format!("`{bad}` is not an HTTP header name"),
+                );
+            }
         }
         if let Some(s) = &self.signing {
             if s.secret.is_empty() {
