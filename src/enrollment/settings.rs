@@ -488,6 +488,17 @@ mod tests {
                 false,
             ),
             (json!({"max_in_flight": 1001}), "max_in_flight", false),
+            (json!({"reply": "yes"}), "reply", true),
+            (
+                json!({"reply_headers": ["bad name"]}),
+                "reply_headers",
+                false,
+            ),
+            (
+                json!({"reply_headers": vec!["x"; MAX_REPLY_HEADERS + 1]}),
+                "reply_headers",
+                false,
+            ),
         ] {
             let err = DeliverySettings::from_json(body.clone()).expect_err("refused");
             assert!(err.to_string().contains(field), "{body}: {err}");

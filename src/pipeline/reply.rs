@@ -118,7 +118,9 @@ mod tests {
     fn message(properties: Properties) -> Message<Body<Value>> {
         Message::builder()
             .properties(properties)
-            .body(Body::Value(Value::String("x".into()).into()))
+            .body(Body::Value(fe2o3_amqp::types::messaging::AmqpValue(
+                Value::String("x".into()),
+            )))
             .build()
     }
 
