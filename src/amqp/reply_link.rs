@@ -18,6 +18,13 @@ use fe2o3_amqp::{Receiver, Session};
 use crate::amqp::connection::{BrokerSettings, close_quietly};
 use crate::amqp::error::LinkError;
 
+/// Whether an error is the broker saying it makes no dynamic nodes (RabbitMQ 3.x ends the
+/// session with `amqp:not-implemented`): then there is no point asking again.
+pub fn refuses_dynamic(error: &LinkError) -> bool {
+    let text = error.to_string();
+    text.contains("NotImplemented") || text.contains("not-implemented")
+}
+
 /// Credit of the reply link: replies are small and taken at once.
 const REPLY_CREDIT: u32 = 500;
 
@@ -33,22 +40,18 @@ pub struct ReplyLink {
 pub type Reply = Message<Body<Value>>;
 
 impl ReplyLink {
-    /// Opens the link: a dynamic node first; when the broker refuses one (or gives it no
-    /// address), `fallback`. `None` when neither is possible, with the reasons.
-    pub async fn open(
+    /// A link on a dynamic node the broker creates and names.
+    pub async fn dynamic(broker: &BrokerSettings, container_id: &str) -> Result<Self, LinkError> {
+        Self::attach(broker, container_id, None).await
+    }
+
+    /// A link on `address` (`REPLY_ADDRESS`).
+    pub async fn fixed(
         broker: &BrokerSettings,
         container_id: &str,
-        fallback: Option<&str>,
+        address: &str,
     ) -> Result<Self, LinkError> {
-        let dynamic = Self::attach(broker, container_id, None).await;
-        match (dynamic, fallback) {
-            (Ok(link), _) => Ok(link),
-            (Err(e), None) => Err(e),
-            (Err(e), Some(address)) => {
-                tracing::debug!(error = %e, "no dynamic reply node; using REPLY_ADDRESS");
-                Self::attach(broker, container_id, Some(address)).await
-            }
-        }
+        Self::attach(broker, container_id, Some(address)).await
     }
 
     async fn attach(

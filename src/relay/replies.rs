@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::amqp::connection::BrokerSettings;
-use crate::amqp::reply_link::ReplyLink;
+use crate::amqp::error::LinkError;
+use crate::amqp::reply_link::{ReplyLink, refuses_dynamic};
 use crate::backoff::{Backoff, BackoffSettings};
 use crate::delivery::publish::http_from_reply;
 use crate::delivery::request::message_id_text;
@@ -25,10 +26,13 @@ pub async fn run(
     let container_id = format!("hot-potato-replies-{}", uuid::Uuid::new_v4());
     let mut backoff = Backoff::new(reconnect);
     let stop = relay.stop.clone();
+    // Set once the broker said it makes no dynamic nodes: REPLY_ADDRESS from then on.
+    let mut no_dynamic = false;
+    let mut warned = false;
     loop {
         let opened = tokio::select! {
             _ = stop.cancelled() => break,
-            opened = ReplyLink::open(&broker, &container_id, fallback.as_deref()) => opened,
+            opened = open(&broker, &container_id, fallback.as_deref(), &mut no_dynamic) => opened,
         };
         match opened {
             Ok(mut link) => {
@@ -59,6 +63,12 @@ pub async fn run(
                     backoff.reset();
                 }
             }
+            Err(e) if no_dynamic && fallback.is_none() => {
+                if !warned {
+                    tracing::warn!(error = %e, "the broker makes no dynamic reply node and REPLY_ADDRESS is not set: POST /request answers 503 until it is");
+                }
+                warned = true;
+            }
             Err(e) => tracing::warn!(error = %e, "cannot attach the reply link"),
         }
         tokio::select! {
@@ -67,4 +77,28 @@ pub async fn run(
         }
     }
     relay.set_reply_address(None);
+}
+
+/// A dynamic node unless the broker refused one before; else `REPLY_ADDRESS`.
+async fn open(
+    broker: &BrokerSettings,
+    container_id: &str,
+    fallback: Option<&str>,
+    no_dynamic: &mut bool,
+) -> Result<ReplyLink, LinkError> {
+    if !*no_dynamic {
+        match ReplyLink::dynamic(broker, container_id).await {
+            Ok(link) => return Ok(link),
+            Err(e) if refuses_dynamic(&e) => {
+                tracing::info!(error = %e, "the broker makes no dynamic reply node; using REPLY_ADDRESS");
+                *no_dynamic = true;
+            }
+            Err(e) if fallback.is_none() => return Err(e),
+            Err(e) => tracing::debug!(error = %e, "no dynamic reply node; trying REPLY_ADDRESS"),
+        }
+    }
+    match fallback {
+        Some(address) => ReplyLink::fixed(broker, container_id, address).await,
+        None => Err(LinkError::NoReplyNode),
+    }
 }
