@@ -12,17 +12,20 @@
 //! - [`store`] → enrollment, seal: the enrollment store trait, its SQLite and PostgreSQL
 //!   implementations, and the wrapper that seals an enrollment's secrets for any store.
 //! - [`telemetry`] → enrollment: metrics, and the events that update status, metric and log.
-//! - [`amqp`] → enrollment: connections, the receiver link, dispositions, the failure outcome.
+//! - [`amqp`] → enrollment: connections, the receiver link, dispositions, the failure outcome,
+//!   the publisher and the reply link.
 //! - [`delivery`] → enrollment, telemetry, shutdown: message → POST, the POST, the verdict,
 //!   breaker, signing, one message's attempts.
 //! - [`pipeline`] → amqp, delivery, enrollment, telemetry, shutdown, backoff: the worker:
-//!   receive → deliver → settle; the one table outcome → disposition.
+//!   receive → deliver → reply → settle; the one table outcome → disposition.
 //! - [`fleet`] → pipeline, store, enrollment, telemetry, shutdown, backoff: the enrollment map
 //!   and its writes; the supervisor of worker tasks.
 //! - [`cluster`] → fleet, store, enrollment, backoff: replicas on one PostgreSQL database:
 //!   heartbeat, leases, fencing, the even spread, LISTEN/NOTIFY, the shared view.
-//! - [`api`] → cluster, fleet, store, enrollment, telemetry: the HTTP API, its views, security,
-//!   errors.
+//! - [`relay`] → amqp, delivery, enrollment, telemetry, backoff: HTTP → queue (publish) and
+//!   HTTP → queue → HTTP (request): the reply link and the correlation of replies.
+//! - [`api`] → cluster, fleet, store, enrollment, telemetry, relay: the HTTP API, its views,
+//!   security, errors.
 //! - [`demo_receiver`] → (nothing): a small HTTP receiver for walkthroughs.
 //!
 //! This file wires the rooms together in [`run`]; `main.rs` only reads the configuration,
@@ -38,6 +41,7 @@ pub mod demo_receiver;
 pub mod enrollment;
 pub mod fleet;
 pub mod pipeline;
+pub mod relay;
 pub mod seal;
 pub mod shutdown;
 pub mod store;
@@ -49,6 +53,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::connection::{BrokerSettings, ConnectionPool, Dialer};
+use crate::amqp::publish::Publisher;
 use crate::backoff::BackoffSettings;
 use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::Config;
@@ -56,7 +61,9 @@ use crate::delivery::resolver::GuardedResolver;
 use crate::fleet::registry::Registry;
 use crate::fleet::supervisor::Supervisor;
 use crate::pipeline::link::AmqpOpener;
+use crate::pipeline::reply::Replier;
 use crate::pipeline::worker::WorkerContext;
+use crate::relay::Relay;
 use crate::store::{EnrollmentStore, PostgresStore, SealedStore, SqliteStore, StoreError};
 use crate::telemetry::metrics::Metrics;
 
@@ -114,6 +121,26 @@ pub async fn run(
         dialer: Dialer::Tcp,
         max_message_size: config.amqp_max_message_bytes,
     });
+    let token = CancellationToken::new();
+    let publisher =
+        std::sync::Arc::new(Publisher::new(broker.clone(), config.amqp_connect_timeout));
+    let relay = std::sync::Arc::new(Relay::new(
+        publisher.clone(),
+        metrics.clone(),
+        config.relay.publish_addresses.clone(),
+        config.relay.publish_max_bytes,
+        token.clone(),
+    ));
+    let reconnect = BackoffSettings {
+        min: config.reconnect_min,
+        max: config.reconnect_max,
+    };
+    let replies = tokio::spawn(relay::replies::run(
+        relay.clone(),
+        broker.clone(),
+        config.relay.reply_address.clone(),
+        reconnect,
+    ));
     let ctx = WorkerContext {
         opener: std::sync::Arc::new(AmqpOpener {
             broker: broker.clone(),
@@ -121,13 +148,13 @@ pub async fn run(
         }),
         http,
         default_prefetch: config.default_prefetch,
-        reconnect: BackoffSettings {
-            min: config.reconnect_min,
-            max: config.reconnect_max,
-        },
+        reconnect,
         metrics: metrics.clone(),
+        replier: Some(Replier {
+            publisher: publisher.clone(),
+            metrics: metrics.clone(),
+        }),
     };
-    let token = CancellationToken::new();
     let supervisor = Supervisor::new(ctx, token.clone());
     let (defaults, targets) = (
         config.delivery_defaults.clone(),
@@ -192,6 +219,7 @@ pub async fn run(
         ),
         ready_probe: std::sync::Arc::new(api::probe::ReadyProbe::new(guard.ready_probe_interval)),
         cluster: cluster.clone(),
+        relay,
     });
     let limits = api::serve::ServeLimits {
         header_timeout: guard.header_timeout,
@@ -207,6 +235,8 @@ pub async fn run(
     if let Some(cluster) = &cluster {
         cluster.leave().await;
     }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), replies).await;
+    publisher.close().await;
     broker.close_pool().await;
     watcher.abort();
     served?;

@@ -98,6 +98,7 @@ async fn start(source: SourceAnswer, body: serde_json::Value) -> Worker {
             max: Duration::from_millis(100),
         },
         metrics: Metrics::new(false),
+        replier: None,
     };
     let signals = StopSignals::default();
     let generation = live.status.next_generation();

@@ -58,6 +58,8 @@ async fn every_route_is_documented_and_protected_by_the_token() {
         ("GET", "/enrollments/{id}"),
         ("POST", "/enrollments/{id}/pause"),
         ("POST", "/enrollments/{id}/resume"),
+        ("POST", "/publish"),
+        ("POST", "/request"),
         ("GET", "/health"),
         ("GET", "/ready"),
         ("GET", "/stats"),

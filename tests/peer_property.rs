@@ -532,6 +532,7 @@ async fn start(case: &Case) -> Running {
             max: Duration::from_millis(100),
         },
         metrics: Metrics::new(false),
+        replier: None,
     };
     let signals = StopSignals::default();
     let generation = live.status.next_generation();

@@ -22,7 +22,7 @@
 //!   (N shared connections) instead. `BENCH_SCALE_FORCE=1` runs it even when the broker
 //!   reports fewer free sockets than it needs.
 //! - `BENCH_ONLY`: a comma-separated subset of `ceiling`, `throughput` (runs the ceiling too),
-//!   `isolation`, `latency`, `scale`.
+//!   `isolation`, `latency`, `publish`, `scale`.
 //! - `BENCH_DAEMON_<NAME>=<value>`: every daemon runs with `<NAME>=<value>`, e.g.
 //!   `BENCH_DAEMON_TOKIO_WORKER_THREADS=1`.
 //! - `BENCH_CLK_TCK` (100): clock ticks per second of /proc/PID/stat (`getconf CLK_TCK`).
@@ -35,7 +35,7 @@
 //!
 //! # Layout
 //! One file per scenario, each with a `run` that prints its progress and adds to the report:
-//! [`ceiling`], [`throughput`], [`isolation`], [`latency`], [`scale`]. Beside them:
+//! [`ceiling`], [`throughput`], [`isolation`], [`latency`], [`publish`], [`scale`]. Beside them:
 //! [`settings`] (the variables above), [`process`] (a daemon per scenario, waiting for the
 //! target's count), [`load`] (preloading queues), [`procstat`] (CPU and memory from /proc) and
 //! [`report`] (the results table). The management API client, the publisher, the HTTP targets,
@@ -48,6 +48,7 @@ mod latency;
 mod load;
 mod process;
 mod procstat;
+mod publish;
 mod report;
 mod scale;
 mod settings;
@@ -143,6 +144,9 @@ async fn run_all(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
     }
     if s.wants("latency") {
         latency::run(s, mgmt, report).await;
+    }
+    if s.wants("publish") {
+        publish::run(s, mgmt, report).await;
     }
     if s.wants("scale") {
         scale::run(s, mgmt, report).await;

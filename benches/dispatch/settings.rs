@@ -7,7 +7,14 @@ use hot_potato_testkit::address;
 use serde_json::{Value as Json, json};
 
 /// Names `BENCH_ONLY` understands.
-pub const SCENARIOS: [&str; 5] = ["throughput", "isolation", "latency", "scale", "ceiling"];
+pub const SCENARIOS: [&str; 6] = [
+    "throughput",
+    "isolation",
+    "latency",
+    "publish",
+    "scale",
+    "ceiling",
+];
 
 #[derive(Clone)]
 pub struct Settings {

@@ -182,6 +182,17 @@ impl BrokerSettings {
         }
     }
 
+    /// A connection of its own under `container_id` (the publisher's, the reply link's),
+    /// bounded by the connect timeout.
+    pub async fn dedicated(&self, container_id: &str) -> Result<ConnectionHandle<()>, LinkError> {
+        tokio::time::timeout(
+            self.connect_timeout,
+            connect(&self.url, &self.dialer, container_id),
+        )
+        .await
+        .map_err(|_| LinkError::ConnectTimeout(self.connect_timeout))?
+    }
+
     /// Closes the pooled connections (shutdown). Dedicated ones close with their sessions.
     pub async fn close_pool(&self) {
         if let Some(pool) = &self.pool {
@@ -219,7 +230,7 @@ fn connection_is_broken(connection: &ConnectionHandle<()>, error: &BeginError) -
 
 /// Closes a connection this code is done with, bounded by [`END_TIMEOUT`]; the outcome is of
 /// no interest (it is usually closed already).
-async fn close_quietly(mut connection: ConnectionHandle<()>) {
+pub async fn close_quietly(mut connection: ConnectionHandle<()>) {
     let _ = tokio::time::timeout(END_TIMEOUT, connection.close()).await;
 }
 

@@ -21,6 +21,9 @@ pub enum LinkError {
     Settle(#[from] fe2o3_amqp::link::DispositionError),
     #[error("changing link credit failed: {0}")]
     Credit(String),
+    /// The reply link attached, but the broker named no node to send replies to.
+    #[error("the broker created no addressable reply node; set REPLY_ADDRESS")]
+    NoReplyNode,
     #[error("the broker URL has no usable host")]
     BadUrl,
     /// The attach answer's sender settle mode is `settled`: the broker would send every message

@@ -7,6 +7,8 @@
 //! - [`link`]: the receiver link: attach, receive, settle, credit, detach, close.
 //! - [`depth`]: whether a payload is safe to decode: its nesting, walked without recursion.
 //! - [`outcome`]: dispositions and the failure-outcome choice.
+//! - [`publish`]: the publisher: a connection with a sender per address, outcomes awaited.
+//! - [`reply_link`]: the receiver that takes the replies to `POST /request`.
 //! - [`error`]: the link error type.
 
 pub mod connection;
@@ -14,6 +16,8 @@ pub mod depth;
 pub mod error;
 pub mod link;
 pub mod outcome;
+pub mod publish;
+pub mod reply_link;
 pub mod source;
 
 pub use connection::BrokerSettings;

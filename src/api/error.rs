@@ -41,6 +41,11 @@ pub enum ApiError {
     TooManyRequests,
     #[error("the request took too long; send it whole and promptly")]
     RequestTimeout,
+    #[error("request body is larger than PUBLISH_MAX_BYTES ({0} bytes)")]
+    BodyTooLarge(usize),
+    /// A publish or request that ended with the broker's (or the reply's) answer.
+    #[error("{message}")]
+    Relay { status: StatusCode, message: String },
     #[error("the daemon is shutting down")]
     ShuttingDown,
     #[error("the enrollment store is unavailable")]
@@ -53,7 +58,8 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge | Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Relay { status, .. } => *status,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,

@@ -2,6 +2,7 @@
 //! pages) and its OpenAPI document generated from the handlers' annotations.
 //!
 //! - [`enrollments`]: enroll, list, show, pause, resume, delete.
+//! - [`publish`]: `POST /publish` and `POST /request`.
 //! - [`ops`]: health, readiness, stats, metrics, OpenAPI, the pages.
 //! - [`views`]: the JSON shapes of enrollments and their stats.
 //! - [`security`]: the API token, CORS, the per-client change limit, the JSON depth bound.
@@ -19,6 +20,7 @@ pub mod forwarded;
 pub mod guard;
 pub mod ops;
 pub mod probe;
+pub mod publish;
 pub mod replicas;
 pub mod security;
 pub mod serve;
@@ -58,6 +60,8 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(enrollments::show))
         .routes(routes!(enrollments::pause))
         .routes(routes!(enrollments::resume))
+        .routes(routes!(publish::publish))
+        .routes(routes!(publish::request))
         .routes(routes!(ops::health))
         .routes(routes!(ops::ready))
         .routes(routes!(ops::stats))

@@ -46,7 +46,9 @@ pub async fn serve(
     let app = app.layer(axum::middleware::from_fn(
         move |request: Request, next: Next| async move {
             // The body is read inside the handler, so a client trickling it is bounded too.
-            match tokio::time::timeout(timeout, next.run(request)).await {
+            // A `POST /request` may wait its `timeout_ms` for the reply on top.
+            let limit = timeout + crate::api::publish::extra_time(request.uri());
+            match tokio::time::timeout(limit, next.run(request)).await {
                 Ok(response) => response,
                 Err(_) => ApiError::RequestTimeout.into_response(),
             }

@@ -7,6 +7,7 @@ use crate::api::security::ApiSecurity;
 use crate::cluster::Cluster;
 use crate::fleet::registry::Registry;
 use crate::fleet::supervisor::Supervisor;
+use crate::relay::Relay;
 use crate::telemetry::metrics::Metrics;
 
 #[derive(Clone)]
@@ -19,4 +20,6 @@ pub struct AppState {
     pub ready_probe: Arc<ReadyProbe>,
     /// This replica's part in the cluster; `None` for a daemon alone on SQLite.
     pub cluster: Option<Cluster>,
+    /// `POST /publish` and `POST /request`.
+    pub relay: Arc<Relay>,
 }

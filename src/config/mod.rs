@@ -10,11 +10,13 @@ use url::Url;
 
 mod api_guard;
 mod raw;
+mod relay;
 mod replicas;
 mod secrets;
 mod target;
 
 pub use api_guard::ApiGuardSettings;
+pub use relay::RelaySettings;
 pub use replicas::ReplicaSettings;
 
 use raw::RawConfig;
@@ -109,6 +111,8 @@ pub struct Config {
     pub api_guard: ApiGuardSettings,
     /// `DATABASE_URL` and the lease settings: `Some` runs this daemon as one replica of many.
     pub replicas: Option<ReplicaSettings>,
+    /// `PUBLISH_MAX_BYTES`, `PUBLISH_ADDRESSES`, `REPLY_ADDRESS`.
+    pub relay: RelaySettings,
 }
 
 impl Config {
@@ -232,6 +236,7 @@ impl Config {
             ));
         }
         let api_guard = ApiGuardSettings::from_raw(&raw)?;
+        let relay = RelaySettings::from_raw(&raw)?;
         let api_token = raw.api_token.filter(|t| !t.is_empty());
         if api_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("API_TOKEN", "must be at least 16 characters"));
@@ -300,6 +305,7 @@ impl Config {
                 raw.snapshot_interval_ms,
                 raw.replica_name,
             )?,
+            relay,
         })
     }
 
@@ -336,6 +342,7 @@ impl fmt::Debug for Config {
             .field("secrets", &self.secrets)
             .field("api_guard", &self.api_guard)
             .field("replicas", &self.replicas)
+            .field("relay", &self.relay)
             .finish()
     }
 }

@@ -96,6 +96,16 @@ pub(super) struct RawConfig {
     pub(super) snapshot_interval_ms: u64,
     #[serde(default)]
     pub(super) replica_name: Option<String>,
+    #[serde(default = "default_publish_max_bytes")]
+    pub(super) publish_max_bytes: u64,
+    #[serde(default)]
+    pub(super) publish_addresses: Option<String>,
+    #[serde(default)]
+    pub(super) reply_address: Option<String>,
+}
+
+fn default_publish_max_bytes() -> u64 {
+    1024 * 1024
 }
 
 fn default_amqp_url() -> String {

@@ -10,7 +10,7 @@ use reqwest::header::{HeaderMap, HeaderValue};
 use url::Url;
 
 use crate::delivery::breaker::{CircuitBreaker, Health};
-use crate::delivery::post::{PostResult, age_since, post};
+use crate::delivery::post::{Answer, PostResult, age_since, post_keeping};
 use crate::delivery::request::PushRequest;
 use crate::delivery::signing;
 use crate::delivery::verdict::{Verdict, verdict};
@@ -134,6 +134,29 @@ impl Dispatcher {
     ///   breaker's probes until the target is back (or `max_hold_ms` has passed);
     /// - stopping hands it back at once, removal abandons a POST under way.
     pub async fn deliver(&self, request: &PushRequest, signals: &StopSignals) -> DeliveryOutcome {
+        self.deliver_keeping(request, false, signals).await.0
+    }
+
+    /// [`Self::deliver`], and with `keep` the target's final answer (the one the outcome
+    /// comes from; earlier attempts' answers are not kept), for a reply.
+    pub async fn deliver_keeping(
+        &self,
+        request: &PushRequest,
+        keep: bool,
+        signals: &StopSignals,
+    ) -> (DeliveryOutcome, Option<Answer>) {
+        let mut answer = None;
+        let outcome = self.attempts(request, keep, &mut answer, signals).await;
+        (outcome, answer)
+    }
+
+    async fn attempts(
+        &self,
+        request: &PushRequest,
+        keep: bool,
+        answer: &mut Option<Answer>,
+        signals: &StopSignals,
+    ) -> DeliveryOutcome {
         // The same on every attempt and every redelivery, so a receiver can de-duplicate on it.
         let webhook_id = &request.webhook_id;
         let message_id = request.message_id.as_deref().unwrap_or("");
@@ -170,8 +193,10 @@ impl Dispatcher {
             let result = tokio::select! {
                 biased;
                 _ = signals.abandon.cancelled() => return DeliveryOutcome::HandedBack,
-                result = self.timed_post(request, headers) => result,
+                result = self.timed_post(request, headers, keep) => result,
             };
+            let (result, kept) = result;
+            *answer = kept;
             // A refused address is not the target's answer: no retry, no hold, and the
             // message is dead-lettered with the reason rather than looped.
             let verdict = match result {
@@ -258,22 +283,27 @@ impl Dispatcher {
             .unwrap_or_else(|| self.policy.retry.delay(tries, fastrand::f64()))
     }
 
-    async fn timed_post(&self, request: &PushRequest, headers: HeaderMap) -> PostResult {
+    async fn timed_post(
+        &self,
+        request: &PushRequest,
+        headers: HeaderMap,
+        keep: bool,
+    ) -> (PostResult, Option<Answer>) {
         let started = std::time::Instant::now();
-        let result = post(
+        let (result, answer) = post_keeping(
             &self.http,
             &self.target_url,
             request,
             headers,
-            self.policy.timeout(),
-            self.policy.response_max_bytes,
+            (self.policy.timeout(), self.policy.response_max_bytes),
+            keep,
         )
         .await;
         self.telemetry.emit(PostAttempted {
             status_class: status_class(result.code(), result == PostResult::Timeout),
             took: started.elapsed(),
         });
-        result
+        (result, answer)
     }
 }
 

@@ -3,6 +3,8 @@
 //! Knows nothing of AMQP links or settlement.
 //!
 //! - [`request`]: message → POST (body, `Content-Type`, `amqp-*` headers).
+//! - [`publish`]: the other direction: HTTP request → message, answer → reply, reply →
+//!   HTTP answer.
 //! - [`post`]: one POST and what came back (the answer's body read up to a bound).
 //! - [`resolver`]: the client's resolver, applying the target rules to every address.
 //! - [`verdict`]: status → success, retry, reject, drop or fail.
@@ -13,6 +15,7 @@
 pub mod breaker;
 pub mod dispatcher;
 pub mod post;
+pub mod publish;
 pub mod request;
 pub mod resolver;
 pub mod signing;

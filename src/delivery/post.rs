@@ -42,6 +42,16 @@ impl PostResult {
     }
 }
 
+/// A target's answer kept whole for a reply: status, headers and at most `max_body` bytes
+/// of the body (`truncated` when there was more).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: bytes::Bytes,
+    pub truncated: bool,
+}
+
 /// Sends one POST, bounded by `timeout` from connect to the end of the response body, of
 /// which at most `max_body` bytes are read.
 pub async fn post(
@@ -52,6 +62,27 @@ pub async fn post(
     timeout: Duration,
     max_body: usize,
 ) -> PostResult {
+    post_keeping(
+        client,
+        target_url,
+        request,
+        extra_headers,
+        (timeout, max_body),
+        false,
+    )
+    .await
+    .0
+}
+
+/// [`post`], keeping the answer (status, headers, body up to the bound) when `keep`.
+pub async fn post_keeping(
+    client: &reqwest::Client,
+    target_url: &Url,
+    request: &PushRequest,
+    extra_headers: HeaderMap,
+    (timeout, max_body): (Duration, usize),
+    keep: bool,
+) -> (PostResult, Option<Answer>) {
     let mut headers = request.headers.clone();
     merge(&mut headers, extra_headers);
     let sent = client
@@ -73,33 +104,48 @@ pub async fn post(
             } else {
                 None
             };
-            drain(response, max_body).await;
-            PostResult::Status { code, retry_after }
+            let headers = keep.then(|| response.headers().clone());
+            let (body, truncated) = drain(response, max_body, keep).await;
+            let answer = headers.map(|headers| Answer {
+                status: code,
+                headers,
+                body: bytes::Bytes::from(body),
+                truncated,
+            });
+            (PostResult::Status { code, retry_after }, answer)
         }
-        Err(e) if e.is_timeout() => PostResult::Timeout,
-        Err(e) if blocked_in(&e).is_some() => {
-            PostResult::Blocked(blocked_in(&e).map(ToString::to_string).unwrap_or_default())
-        }
+        Err(e) if e.is_timeout() => (PostResult::Timeout, None),
+        Err(e) if blocked_in(&e).is_some() => (
+            PostResult::Blocked(blocked_in(&e).map(ToString::to_string).unwrap_or_default()),
+            None,
+        ),
         // The URL may carry credentials: keep it out of the error text.
-        Err(e) => PostResult::Network(error_chain(&e.without_url())),
+        Err(e) => (PostResult::Network(error_chain(&e.without_url())), None),
     }
 }
 
 /// Reads the answer's body to its end, so the pooled connection can be reused, unless it is
 /// longer than `max_body`: then the response is dropped unread, which closes the connection,
 /// and a target streaming without end costs at most one chunk beyond the bound.
-async fn drain(mut response: reqwest::Response, max_body: usize) {
+/// With `keep`, the bytes read (at most `max_body`) are returned, and whether there were more.
+async fn drain(mut response: reqwest::Response, max_body: usize, keep: bool) -> (Vec<u8>, bool) {
     let mut read = 0usize;
+    let mut kept = Vec::new();
     while let Ok(Some(chunk)) = response.chunk().await {
         read = read.saturating_add(chunk.len());
+        if keep {
+            let room = max_body.saturating_sub(kept.len());
+            kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
         if read > max_body {
             tracing::debug!(
                 max_body,
                 "target's answer is longer than RESPONSE_MAX_BYTES; dropping the connection"
             );
-            return;
+            return (kept, true);
         }
     }
+    (kept, false)
 }
 
 /// Time since an epoch-milliseconds instant; `None` for one in the future (clock skew) or

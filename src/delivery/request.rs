@@ -322,7 +322,7 @@ fn content_id(message: &Message<Body<Value>>, body: &[u8]) -> String {
     signing::derived_webhook_id(&[kind, body, &properties, &application])
 }
 
-fn body_bytes(body: &Body<Value>) -> (Bytes, Option<&'static str>) {
+pub fn body_bytes(body: &Body<Value>) -> (Bytes, Option<&'static str>) {
     match body {
         Body::Data(sections) => {
             let bytes: Vec<u8> = sections.iter().flat_map(|d| d.0.iter().copied()).collect();
@@ -350,7 +350,7 @@ fn json_bytes(v: &serde_json::Value) -> Bytes {
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
 }
 
-fn message_id_text(id: &MessageId) -> String {
+pub fn message_id_text(id: &MessageId) -> String {
     match id {
         MessageId::String(s) => s.clone(),
         MessageId::Ulong(n) => n.to_string(),

@@ -7,12 +7,15 @@
 //! - [`policy`]: the effective delivery policy (settings over the daemon's defaults).
 //! - [`outcome`]: how a failed message goes back to the broker.
 //! - [`address`]: guarded address classes (metadata, link-local, private…) in every spelling.
+//! - [`address_glob`]: which AMQP addresses the publish routes may send to
+//!   (`PUBLISH_ADDRESSES`).
 //! - [`target`]: which target URLs and addresses are allowed (`TARGET_ALLOWLIST`,
 //!   `TARGET_DENY_PRIVATE`, the guarded classes).
 //! - [`status`]: the live status an operator sees (state, breaker, counters, last error).
 //! - [`live`]: record + policy + status, as the daemon holds an enrollment.
 
 pub mod address;
+pub mod address_glob;
 pub mod error;
 pub mod live;
 pub mod outcome;

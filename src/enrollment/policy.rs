@@ -74,6 +74,12 @@ pub struct DeliveryPolicy {
     /// How much of a target's answer is read; a longer one is dropped with its connection
     /// (the verdict comes from the status alone).
     pub response_max_bytes: usize,
+    /// Whether the final answer is published to a message's `reply-to`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reply: bool,
+    /// Response headers the reply carries as application properties.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reply_headers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -135,6 +141,8 @@ impl DeliverySettings {
             auth: self.auth.clone(),
             signing: self.signing.clone(),
             response_max_bytes: defaults.response_max_bytes,
+            reply: self.reply.unwrap_or(false),
+            reply_headers: self.reply_headers.clone().unwrap_or_default(),
         }
     }
 }

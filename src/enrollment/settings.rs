@@ -70,7 +70,16 @@ pub struct DeliverySettings {
     pub auth: Option<Auth>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing: Option<Signing>,
+    /// Publish the target's final answer to a message's `reply-to` (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<bool>,
+    /// Response headers copied into the reply as application properties.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_headers: Option<Vec<String>>,
 }
+
+/// At most this many `delivery.reply_headers`.
+pub const MAX_REPLY_HEADERS: usize = 32;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -275,6 +284,23 @@ impl DeliverySettings {
             }
             _ => {}
         }
+        if let Some(names) = &self.reply_headers {
+            if names.len() > MAX_REPLY_HEADERS {
+                return invalid(
+                    "reply_headers",
+                    &format!("must list at most {MAX_REPLY_HEADERS} headers"),
+                );
+            }
+            if let Some(bad) = names
+                .iter()
+                .find(|n| reqwest::header::HeaderName::from_bytes(n.as_bytes()).is_err())
+            {
+                return invalid(
+                    "reply_headers",
+                    &format!("`{bad}` is not an HTTP header name"),
+                );
+            }
+        }
         if let Some(s) = &self.signing {
             if s.secret.is_empty() {
                 return invalid("signing.secret", "must not be empty");
@@ -462,6 +488,17 @@ mod tests {
                 false,
             ),
             (json!({"max_in_flight": 1001}), "max_in_flight", false),
+            (json!({"reply": "yes"}), "reply", true),
+            (
+                json!({"reply_headers": ["bad name"]}),
+                "reply_headers",
+                false,
+            ),
+            (
+                json!({"reply_headers": vec!["x"; MAX_REPLY_HEADERS + 1]}),
+                "reply_headers",
+                false,
+            ),
         ] {
             let err = DeliverySettings::from_json(body.clone()).expect_err("refused");
             assert!(err.to_string().contains(field), "{body}: {err}");

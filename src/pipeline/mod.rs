@@ -4,6 +4,7 @@
 //! - [`link`]: the seam: what the worker needs of a link and its opener; the AMQP one.
 //! - [`worker`]: connect, run the receive loop, reconnect with backoff, stop.
 //! - [`receive`]: one link's loop: in-flight bound, inline or spawned deliveries, breaker.
+//! - [`reply`]: the reply step: the final answer published to `reply-to` before settling.
 //! - [`settle`]: the one table outcome → disposition + label; batched accepts.
 //! - [`credit`]: link credit that follows the breaker.
 //! - [`catch`]: one message's panic kept to that message.
@@ -12,6 +13,7 @@ pub mod catch;
 pub mod credit;
 pub mod link;
 pub mod receive;
+pub mod reply;
 pub mod settle;
 pub mod worker;
 

@@ -17,6 +17,7 @@ use crate::delivery::request::PushRequest;
 use crate::pipeline::catch::{CatchUnwind, catch};
 use crate::pipeline::credit::CreditFollower;
 use crate::pipeline::link::Link;
+use crate::pipeline::reply::{self, Replier};
 use crate::pipeline::settle::{Finished, settle_finished, settle_one};
 use crate::shutdown::StopSignals;
 use crate::telemetry::EnrollmentTelemetry;
@@ -39,6 +40,8 @@ pub struct LoopParts<'a> {
     pub credit: u32,
     /// The credit the link was attached with.
     pub granted: u32,
+    /// Publishes replies (`delivery.reply`); `None` where nothing can be published.
+    pub replier: Option<&'a Replier>,
 }
 
 /// A panicked delivery: the message is rejected, so the broker dead-letters it rather than
@@ -58,7 +61,9 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
         signals,
         credit,
         granted,
+        replier,
     } = parts;
+    let replies = dispatcher.policy().reply;
     let max_in_flight = dispatcher.policy().max_in_flight as usize;
     // Each task returns its delivery with the outcome, a panic included (caught inside), so
     // only an aborted task (after a link failure, when nothing can be settled) returns none.
@@ -139,11 +144,18 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                         continue;
                     }
                 };
+                let plan = reply::plan(replies, &message);
                 drop(message);
                 if max_in_flight == 1 {
                     // One at a time: deliver on this task and save a spawn and a cross-thread
                     // wake-up per message. The breaker is still followed meanwhile.
-                    let delivering = std::pin::pin!(dispatcher.deliver(&request, signals));
+                    let delivering = std::pin::pin!(reply::deliver(
+                        dispatcher,
+                        &request,
+                        plan.as_ref(),
+                        replier,
+                        signals
+                    ));
                     let mut delivering = CatchUnwind(delivering);
                     let mut credit_error = None;
                     let outcome = loop {
@@ -171,9 +183,16 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                 }
                 let dispatcher = Arc::clone(dispatcher);
                 let signals = signals.clone();
+                let replier = replier.cloned();
                 in_flight.spawn(
                     async move {
-                        let delivering = std::pin::pin!(dispatcher.deliver(&request, &signals));
+                        let delivering = std::pin::pin!(reply::deliver(
+                            &dispatcher,
+                            &request,
+                            plan.as_ref(),
+                            replier.as_ref(),
+                            &signals
+                        ));
                         let outcome = CatchUnwind(delivering)
                             .await
                             .unwrap_or_else(|reason| panicked("delivery", reason));

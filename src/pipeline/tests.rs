@@ -98,6 +98,7 @@ pub(crate) fn context(broker: &FakeBroker) -> WorkerContext<FakeOpener> {
             max: Duration::from_millis(50),
         },
         metrics: Metrics::new(false),
+        replier: None,
     }
 }
 

@@ -11,6 +11,7 @@ use crate::enrollment::live::LiveEnrollment;
 use crate::pipeline::credit::CreditFollower;
 use crate::pipeline::link::{Link, LinkOpener};
 use crate::pipeline::receive::{LinkEnd, LoopParts, receive_loop};
+use crate::pipeline::reply::Replier;
 use crate::shutdown::StopSignals;
 use crate::telemetry::events::{Connecting, LinkAttached, LinkDown, WorkerRefused, WorkerStopped};
 use crate::telemetry::{EnrollmentTelemetry, Metrics};
@@ -24,6 +25,8 @@ pub struct WorkerContext<O> {
     pub default_prefetch: u32,
     pub reconnect: BackoffSettings,
     pub metrics: Metrics,
+    /// Publishes the replies of enrollments with `delivery.reply`.
+    pub replier: Option<Replier>,
 }
 
 impl<O> Clone for WorkerContext<O> {
@@ -34,6 +37,7 @@ impl<O> Clone for WorkerContext<O> {
             default_prefetch: self.default_prefetch,
             reconnect: self.reconnect,
             metrics: self.metrics.clone(),
+            replier: self.replier.clone(),
         }
     }
 }
@@ -129,6 +133,7 @@ pub async fn run<O: LinkOpener>(
                     signals: &signals,
                     credit,
                     granted,
+                    replier: ctx.replier.as_ref(),
                 };
                 match receive_loop(parts, &mut link).await {
                     LinkEnd::Stopped => {

@@ -16,6 +16,7 @@ use prometheus_client::registry::{Registry, Unit};
 use uuid::Uuid;
 
 use crate::enrollment::status::{BreakerState, WorkerState};
+use crate::telemetry::relay::RelayMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeliveryLabels {
@@ -117,6 +118,7 @@ struct Inner {
     breakers: Family<StateLabels, Gauge>,
     broker_links_up: Gauge,
     enrollments: Gauge,
+    relay: RelayMetrics,
 }
 
 impl Metrics {
@@ -182,6 +184,7 @@ impl Metrics {
         );
         let enrollments = Gauge::default();
         registry.register("enrollments", "Enrollments in the map", enrollments.clone());
+        let relay = RelayMetrics::register(&mut registry);
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -197,6 +200,7 @@ impl Metrics {
                 breakers,
                 broker_links_up,
                 enrollments,
+                relay,
             }),
         }
     }
@@ -237,6 +241,11 @@ impl Metrics {
                 enrollment_id: Some(label.clone()),
             });
         }
+    }
+
+    /// Publishing and request/reply.
+    pub fn relay(&self) -> &RelayMetrics {
+        &self.inner.relay
     }
 
     pub fn retry(&self) {
