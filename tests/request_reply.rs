@@ -621,22 +621,23 @@ async fn a_restart_answers_waiting_requests_503_never_with_anothers_reply() {
         assert!(!answer.contains("before-restart"), "{answer}");
     }
 
-    // The next daemon answers the old requests' messages; their replies find nobody waiting
-    // and are dropped, and new requests get their own replies.
+    // The next daemon answers the old requests' messages; new requests get their own replies
+    // (the reply link attaches with the first of them), and the old replies, found on the
+    // reply queue, meet nobody waiting and are dropped.
     let target = echo_target().await;
     let second = request_setup(&db, &reply_queue, &requests, &target).await;
     let api = second.api.clone();
-    wait_for("the old replies dropped", Duration::from_secs(20), || {
-        let api = api.clone();
-        async move { (metric(&api, "hot_potato_late_replies_total").await >= 5.0).then_some(()) }
-    })
-    .await;
     for i in 0..5 {
         let body = format!("after-restart-{i}");
         let (status, _, answer) = post(&api, &path, &[], body.clone().into_bytes()).await;
         assert_eq!(status, 201);
         assert_eq!(String::from_utf8_lossy(&answer), body);
     }
+    wait_for("the old replies dropped", Duration::from_secs(20), || {
+        let api = api.clone();
+        async move { (metric(&api, "hot_potato_late_replies_total").await >= 5.0).then_some(()) }
+    })
+    .await;
     second.stop().await;
     mgmt.delete_queue(&requests).await;
     mgmt.delete_queue(&reply_queue).await;

@@ -34,6 +34,8 @@ pub struct ReplyLink {
     session: SessionHandle<()>,
     receiver: Receiver,
     address: String,
+    /// A node the broker made for this link, which goes when the link is closed.
+    dynamic: bool,
 }
 
 /// One reply as it came.
@@ -59,6 +61,7 @@ impl ReplyLink {
         container_id: &str,
         address: Option<&str>,
     ) -> Result<Self, LinkError> {
+        let address_arg = address;
         let mut connection = broker.dedicated(container_id).await?;
         let attached = tokio::time::timeout(broker.connect_timeout, async {
             let mut session = Session::begin(&mut connection).await?;
@@ -99,6 +102,7 @@ impl ReplyLink {
             session,
             receiver,
             address,
+            dynamic: address_arg.is_none(),
         })
     }
 
@@ -115,15 +119,22 @@ impl ReplyLink {
         Ok(message)
     }
 
-    /// Closes the link (a dynamic node goes with it) and the connection.
+    /// Ends the link and the connection: a dynamic node's link is closed (the node goes with
+    /// it); a link on `REPLY_ADDRESS` only detaches, as every link but a deleted enrollment's.
     pub async fn close(self) {
         let Self {
             connection,
             mut session,
             receiver,
+            dynamic,
             ..
         } = self;
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), receiver.close()).await;
+        let limit = std::time::Duration::from_secs(2);
+        if dynamic {
+            let _ = tokio::time::timeout(limit, receiver.close()).await;
+        } else {
+            let _ = tokio::time::timeout(limit, receiver.detach()).await;
+        }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), session.end()).await;
         close_quietly(connection).await;
     }

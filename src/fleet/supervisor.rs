@@ -199,28 +199,23 @@ impl<O: LinkOpener> Supervisor<O> {
     /// Tells the worker of `id` to stop as on shutdown (finish in-flight POSTs, detach with
     /// `closed=false`) and forgets it, so it can be started again. Used by pause.
     pub fn stop(&self, id: Uuid) -> WorkerExit {
-        match self.workers().remove(&id) {
-            Some(h) => {
-                h.signals.stop.cancel();
-                WorkerExit {
-                    finished: Some(h.finished),
-                    abandon: Some(h.signals.abandon),
-                }
-            }
-            None => WorkerExit {
-                finished: None,
-                abandon: None,
-            },
-        }
+        self.take(id, false)
     }
 
     /// Tells the worker of `id` to stop at once: POSTs under way are abandoned and their
     /// messages handed back, the link detaches (`closed=false`). Used when a lease can no
     /// longer be renewed, so the worker is gone before the lease expires.
     pub fn fence(&self, id: Uuid) -> WorkerExit {
+        self.take(id, true)
+    }
+
+    /// Forgets the worker of `id` and tells it to stop, abandoning its POSTs when `abandon`.
+    fn take(&self, id: Uuid, abandon: bool) -> WorkerExit {
         match self.workers().remove(&id) {
             Some(h) => {
-                h.signals.abandon.cancel();
+                if abandon {
+                    h.signals.abandon.cancel();
+                }
                 h.signals.stop.cancel();
                 WorkerExit {
                     finished: Some(h.finished),

@@ -63,6 +63,10 @@ pub struct Relay {
     waiters: Mutex<HashMap<String, oneshot::Sender<HttpReply>>>,
     /// The reply link's address while it is attached.
     reply_address: watch::Sender<Option<String>>,
+    /// Set by the first `POST /request`: the reply link attaches only then, so a daemon that
+    /// never serves a request holds no reply link (and, on a broker without dynamic nodes and
+    /// without `REPLY_ADDRESS`, does not retry a refused attach for ever).
+    reply_wanted: watch::Sender<bool>,
     stop: CancellationToken,
 }
 
@@ -81,6 +85,7 @@ impl Relay {
             max_bytes,
             waiters: Mutex::default(),
             reply_address: watch::Sender::new(None),
+            reply_wanted: watch::Sender::new(false),
             stop,
         }
     }
@@ -156,6 +161,8 @@ impl Relay {
 
     /// The reply link's address, waiting a little (never past `deadline`) for it to attach.
     async fn reply_address(&self, deadline: tokio::time::Instant) -> Result<String, RelayError> {
+        self.reply_wanted
+            .send_if_modified(|wanted| !std::mem::replace(wanted, true));
         let mut watching = self.reply_address.subscribe();
         let wait = tokio::time::Instant::now() + REPLY_LINK_WAIT;
         let until = wait.min(deadline);
@@ -196,6 +203,13 @@ impl Relay {
 
     pub(crate) fn set_reply_address(&self, address: Option<String>) {
         self.reply_address.send_replace(address);
+    }
+
+    /// Returns once a request has wanted the reply link (at once if one has).
+    pub(crate) async fn reply_wanted(&self) {
+        let mut wanted = self.reply_wanted.subscribe();
+        // The sender lives as long as `self`, so the wait cannot fail.
+        let _ = wanted.wait_for(|w| *w).await;
     }
 
     /// Requests waiting now.

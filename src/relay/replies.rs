@@ -1,6 +1,6 @@
-//! The reply link's task: attach (a dynamic node, else `REPLY_ADDRESS`), hand every reply to
-//! its request, and on any broker error let the link go and attach again with backoff, until
-//! the daemon stops.
+//! The reply link's task: once the first request wants it, attach (a dynamic node, else
+//! `REPLY_ADDRESS`), hand every reply to its request, and on any broker error let the link go
+//! and attach again with backoff, until the daemon stops.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +29,10 @@ pub async fn run(
     // Set once the broker said it makes no dynamic nodes: REPLY_ADDRESS from then on.
     let mut no_dynamic = false;
     let mut warned = false;
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = relay.reply_wanted() => {}
+    }
     loop {
         let opened = tokio::select! {
             _ = stop.cancelled() => break,
