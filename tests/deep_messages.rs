@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::*;
 use fe2o3_amqp::types::messaging::{AmqpValue, Message};
 use hot_potato::amqp::depth::MAX_DEPTH;
-use hot_potato::delivery::request::{MAX_JSON_DEPTH, TOO_DEEP};
+use hot_potato::delivery::amqp_json::{MAX_JSON_DEPTH, TOO_DEEP};
 
 /// Deep enough to overflow a 2 MiB stack many times over in any build.
 const DEEP: usize = 10_000;

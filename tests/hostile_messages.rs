@@ -11,8 +11,9 @@ use std::time::Duration;
 use common::*;
 use fe2o3_amqp::types::messaging::{ApplicationProperties, Message};
 use fe2o3_amqp::types::primitives::{SimpleValue, Value};
+use hot_potato::delivery::amqp_json::{MAX_JSON_DEPTH, TOO_DEEP};
 use hot_potato::delivery::request::{
-    APP_PROPERTY_PREFIX, MAX_JSON_DEPTH, MAX_PROPERTY_HEADERS, SKIPPED_PROPERTIES_HEADER, TOO_DEEP,
+    APP_PROPERTY_PREFIX, MAX_PROPERTY_HEADERS, SKIPPED_PROPERTIES_HEADER,
 };
 use serde_json::json;
 

@@ -12,6 +12,7 @@
 //! - [`signing`]: static headers, credentials, Standard Webhooks signatures.
 //! - [`dispatcher`]: one message's attempts, giving a [`DeliveryOutcome`].
 
+pub mod amqp_json;
 pub mod breaker;
 pub mod dispatcher;
 pub mod post;

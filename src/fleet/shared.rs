@@ -1,8 +1,8 @@
 //! The registry as one replica of many (`DATABASE_URL`): every replica lists every
-//! enrollment, but runs only those whose lease it holds. The replica room
-//! ([`crate::cluster`]) decides which: it adopts an enrollment when it takes its lease,
-//! releases one it hands over or can no longer renew, and applies the changes other replicas
-//! made, which it hears of from the store.
+//! enrollment, but runs only those whose lease it holds. The replica room (`cluster`, which
+//! calls in here and is never called from here) decides which: it adopts an enrollment when
+//! it takes its lease, releases one it hands over or can no longer renew, and applies the
+//! changes other replicas made, which it hears of from the store.
 
 use std::collections::HashSet;
 use std::sync::{Arc, MutexGuard};

@@ -9,8 +9,8 @@ use crate::amqp::connection::BrokerSettings;
 use crate::amqp::error::LinkError;
 use crate::amqp::reply_link::{ReplyLink, refuses_dynamic};
 use crate::backoff::{Backoff, BackoffSettings};
+use crate::delivery::amqp_json::message_id_text;
 use crate::delivery::publish::http_from_reply;
-use crate::delivery::request::message_id_text;
 use crate::relay::Relay;
 
 /// A link that stayed up this long resets the backoff.
