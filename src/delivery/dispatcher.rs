@@ -10,7 +10,7 @@ use reqwest::header::{HeaderMap, HeaderValue};
 use url::Url;
 
 use crate::delivery::breaker::{CircuitBreaker, Health};
-use crate::delivery::post::{Answer, PostResult, age_since, post_keeping};
+use crate::delivery::post::{Answer, PostResult, age_since, post};
 use crate::delivery::request::PushRequest;
 use crate::delivery::signing;
 use crate::delivery::verdict::{Verdict, verdict};
@@ -290,7 +290,7 @@ impl Dispatcher {
         keep: bool,
     ) -> (PostResult, Option<Answer>) {
         let started = std::time::Instant::now();
-        let (result, answer) = post_keeping(
+        let (result, answer) = post(
             &self.http,
             &self.target_url,
             request,

@@ -54,28 +54,8 @@ pub struct Answer {
 
 /// Sends one POST, bounded by `timeout` from connect to the end of the response body, of
 /// which at most `max_body` bytes are read.
+/// With `keep`, the answer is kept too (status, headers, body up to the bound), for a reply.
 pub async fn post(
-    client: &reqwest::Client,
-    target_url: &Url,
-    request: &PushRequest,
-    extra_headers: HeaderMap,
-    timeout: Duration,
-    max_body: usize,
-) -> PostResult {
-    post_keeping(
-        client,
-        target_url,
-        request,
-        extra_headers,
-        (timeout, max_body),
-        false,
-    )
-    .await
-    .0
-}
-
-/// [`post`], keeping the answer (status, headers, body up to the bound) when `keep`.
-pub async fn post_keeping(
     client: &reqwest::Client,
     target_url: &Url,
     request: &PushRequest,
