@@ -512,8 +512,11 @@ async fn random_requests_get_client_errors_and_the_daemon_keeps_serving() {
         }
         let res = req.send().await.expect("the daemon answers");
         let status = res.status().as_u16();
+        // /ready answers 503 by design while a fuzzed enrollment is still connecting (no
+        // reason yet); that is a readiness answer with its JSON body, not a server fault.
+        let readiness_answer = path == "/ready" && status == 503;
         assert!(
-            status < 500,
+            status < 500 || readiness_answer,
             "seed {seed}: {method} {path} answered {status}"
         );
     }
