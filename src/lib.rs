@@ -62,6 +62,7 @@ use crate::fleet::registry::Registry;
 use crate::fleet::supervisor::Supervisor;
 use crate::pipeline::link::AmqpOpener;
 use crate::pipeline::reply::Replier;
+use crate::pipeline::settle::SettleBatching;
 use crate::pipeline::worker::WorkerContext;
 use crate::relay::Relay;
 use crate::store::{EnrollmentStore, PostgresStore, SealedStore, SqliteStore, StoreError};
@@ -148,6 +149,10 @@ pub async fn run(
         }),
         http,
         default_prefetch: config.default_prefetch,
+        settle_batching: SettleBatching {
+            max: config.settle_batch_max,
+            delay: config.settle_batch_delay,
+        },
         reconnect,
         metrics: metrics.clone(),
         replier: Some(Replier {

@@ -24,6 +24,7 @@ use hot_potato::enrollment::outcome::FailureOutcomePolicy;
 use hot_potato::enrollment::record::NewEnrollment;
 use hot_potato::enrollment::status::WorkerState;
 use hot_potato::pipeline::link::AmqpOpener;
+use hot_potato::pipeline::settle::SettleBatching;
 use hot_potato::pipeline::worker::{WorkerContext, WorkerEnd, run};
 use hot_potato::shutdown::StopSignals;
 use hot_potato::telemetry::metrics::Metrics;
@@ -69,6 +70,14 @@ struct Worker {
 }
 
 async fn start(source: SourceAnswer, body: serde_json::Value) -> Worker {
+    start_with(source, body, SettleBatching::OFF).await
+}
+
+async fn start_with(
+    source: SourceAnswer,
+    body: serde_json::Value,
+    settle_batching: SettleBatching,
+) -> Worker {
     let peer = Arc::new(Peer::start(PeerConfig::default().with_source(source)));
     let forced = Arc::new(AtomicU16::new(0));
     let mut body = body;
@@ -93,6 +102,7 @@ async fn start(source: SourceAnswer, body: serde_json::Value) -> Worker {
         }),
         http: reqwest::Client::new(),
         default_prefetch: 10,
+        settle_batching,
         reconnect: BackoffSettings {
             min: Duration::from_millis(10),
             max: Duration::from_millis(100),
@@ -214,6 +224,80 @@ async fn each_answer_sends_its_disposition() {
     let s = w.live.status.snapshot();
     assert_eq!((s.delivered, s.rejected, s.in_flight), (1, 1, 0));
     w.end(false).await;
+}
+
+/// Accepts go out as ranges of delivery ids, at most `max` per disposition, also at
+/// `max_in_flight` 1; the last ones, fewer than `max`, go out when the delay runs out; a
+/// failure in between is settled on its own at once.
+#[tokio::test]
+async fn accepts_go_out_as_ranges() {
+    const MESSAGES: u32 = 21;
+    for max_in_flight in [1, 8] {
+        let batching = SettleBatching {
+            max: 8,
+            delay: Duration::from_millis(300),
+        };
+        let w = start_with(
+            SourceAnswer::rabbitmq_3(),
+            json!({"subscription_args": {"prefetch": 100},
+                   "delivery": {"max_in_flight": max_in_flight, "reject_on": [422]}}),
+            batching,
+        )
+        .await;
+        for i in 0..MESSAGES {
+            let body = if i == 10 { "reject" } else { "ok" };
+            w.peer
+                .send(QUEUE, TestMessage::text(body).id(format!("m{i}")));
+        }
+        let covered = |d: &Disposition| d.last.unwrap_or(d.first) - d.first + 1;
+        w.peer
+            .wait_for(WAIT, |frames| {
+                frames
+                    .iter()
+                    .filter_map(|f| f.as_disposition())
+                    .map(covered)
+                    .sum::<u32>()
+                    >= MESSAGES
+            })
+            .await
+            .expect("every message settled in time");
+        let d = w.peer.dispositions();
+        let mut ids: Vec<u32> = Vec::new();
+        for disposition in &d {
+            let want = if covered(disposition) == 1 && disposition.first == 10 {
+                "rejected: hot-potato: target answered 422"
+            } else {
+                "accepted"
+            };
+            assert_eq!(state_of(disposition), want, "{disposition:?}");
+            assert!(disposition.settled, "{disposition:?}");
+            assert!(
+                covered(disposition) <= 8,
+                "mif {max_in_flight}: at most 8 per range: {disposition:?}"
+            );
+            ids.extend(disposition.first..=disposition.last.unwrap_or(disposition.first));
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, (0..MESSAGES).collect::<Vec<_>>(), "each settled once");
+        // 20 accepts in ranges of at most 8 around one reject: far fewer than one per message.
+        assert!(
+            d.len() < 10,
+            "mif {max_in_flight}: {} dispositions for {MESSAGES} messages: {d:?}",
+            d.len()
+        );
+        // The status follows the dispositions by a hair.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let counts = loop {
+            let s = w.live.status.snapshot();
+            let counts = (s.delivered, s.rejected, s.in_flight);
+            if counts == (20, 1, 0) || tokio::time::Instant::now() > deadline {
+                break counts;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(counts, (20, 1, 0));
+        w.end(false).await;
+    }
 }
 
 #[tokio::test]

@@ -46,6 +46,7 @@ use hot_potato::enrollment::outcome::FailureOutcomePolicy;
 use hot_potato::enrollment::record::NewEnrollment;
 use hot_potato::enrollment::status::{BreakerState, StatusSnapshot, WorkerState};
 use hot_potato::pipeline::link::AmqpOpener;
+use hot_potato::pipeline::settle::SettleBatching;
 use hot_potato::pipeline::worker::{WorkerContext, WorkerEnd, run};
 use hot_potato::shutdown::StopSignals;
 use hot_potato::telemetry::metrics::Metrics;
@@ -527,6 +528,11 @@ async fn start(case: &Case) -> Running {
             .build()
             .expect("http client"),
         default_prefetch: case.prefetch,
+        // The defaults: accepts gathered into ranges, so the checks see ranged dispositions.
+        settle_batching: SettleBatching {
+            max: config.settle_batch_max,
+            delay: config.settle_batch_delay,
+        },
         reconnect: BackoffSettings {
             min: Duration::from_millis(10),
             max: Duration::from_millis(100),

@@ -47,6 +47,10 @@ fn invalid(var: &'static str, reason: impl Into<String>) -> ConfigError {
 /// Largest `AMQP_CONNECTION_POOL`: sessions per connection are bounded by the broker's
 /// channel-max (2047 on RabbitMQ), so a handful of connections carries thousands of enrollments.
 pub const MAX_CONNECTION_POOL: usize = 256;
+/// Accepts per disposition at most: beyond a few hundred the saving per message is nil.
+pub const MAX_SETTLE_BATCH: usize = 1000;
+/// An accept waits at most a second: longer only widens what a crash redelivers.
+pub const MAX_SETTLE_BATCH_DELAY_US: u64 = 1_000_000;
 
 /// Bounds of `AMQP_MAX_MESSAGE_BYTES`: below 1 KiB hardly a message fits; above 1 GiB one
 /// message (held whole while its POST runs, per in-flight slot) could take the daemon's memory.
@@ -105,6 +109,10 @@ pub struct Config {
     pub amqp_connection_pool: usize,
     /// The receiver link's `max-message-size`: the largest message the daemon takes in.
     pub amqp_max_message_bytes: u64,
+    /// Accepts gathered into one disposition at most (`SETTLE_BATCH_MAX`; 1 turns it off).
+    pub settle_batch_max: usize,
+    /// How long the oldest gathered accept may wait (`SETTLE_BATCH_DELAY_US`).
+    pub settle_batch_delay: Duration,
     /// `SECRETS_KEY` (seals) and `SECRETS_KEY_PREVIOUS` (still opens, during a rotation).
     pub secrets: Keyring,
     /// API timeouts, connection cap, readiness probe interval, trusted proxies.
@@ -225,6 +233,18 @@ impl Config {
                 ),
             ));
         }
+        if !(1..=MAX_SETTLE_BATCH).contains(&raw.settle_batch_max) {
+            return Err(invalid(
+                "SETTLE_BATCH_MAX",
+                format!("must be from 1 (an accept per message) to {MAX_SETTLE_BATCH}"),
+            ));
+        }
+        if raw.settle_batch_delay_us > MAX_SETTLE_BATCH_DELAY_US {
+            return Err(invalid(
+                "SETTLE_BATCH_DELAY_US",
+                format!("must be from 0 to {MAX_SETTLE_BATCH_DELAY_US} (1 s)"),
+            ));
+        }
         if !AMQP_MAX_MESSAGE_BYTES_RANGE.contains(&raw.amqp_max_message_bytes) {
             return Err(invalid(
                 "AMQP_MAX_MESSAGE_BYTES",
@@ -297,6 +317,8 @@ impl Config {
             api_rate_limit_per_min: raw.api_rate_limit_per_min,
             amqp_connection_pool: raw.amqp_connection_pool,
             amqp_max_message_bytes: raw.amqp_max_message_bytes,
+            settle_batch_max: raw.settle_batch_max,
+            settle_batch_delay: Duration::from_micros(raw.settle_batch_delay_us),
             secrets: secrets::from_raw(raw.secrets_key, raw.secrets_key_previous)?,
             api_guard,
             replicas: replicas::replica_settings(
@@ -339,6 +361,8 @@ impl fmt::Debug for Config {
             .field("api_rate_limit_per_min", &self.api_rate_limit_per_min)
             .field("amqp_connection_pool", &self.amqp_connection_pool)
             .field("amqp_max_message_bytes", &self.amqp_max_message_bytes)
+            .field("settle_batch_max", &self.settle_batch_max)
+            .field("settle_batch_delay", &self.settle_batch_delay)
             .field("secrets", &self.secrets)
             .field("api_guard", &self.api_guard)
             .field("replicas", &self.replicas)

@@ -74,6 +74,10 @@ pub(super) struct RawConfig {
     pub(super) amqp_connection_pool: usize,
     #[serde(default = "default_amqp_max_message_bytes")]
     pub(super) amqp_max_message_bytes: u64,
+    #[serde(default = "default_settle_batch_max")]
+    pub(super) settle_batch_max: usize,
+    #[serde(default = "default_settle_batch_delay_us")]
+    pub(super) settle_batch_delay_us: u64,
     #[serde(default)]
     pub(super) secrets_key: Option<RawSecret>,
     #[serde(default)]
@@ -143,6 +147,12 @@ fn default_amqp_connect_timeout_ms() -> u64 {
 }
 fn default_amqp_max_message_bytes() -> u64 {
     64 * 1024 * 1024
+}
+fn default_settle_batch_max() -> usize {
+    64
+}
+fn default_settle_batch_delay_us() -> u64 {
+    500
 }
 
 fn default_response_max_bytes() -> u64 {

@@ -18,7 +18,9 @@ use crate::pipeline::catch::{CatchUnwind, catch};
 use crate::pipeline::credit::CreditFollower;
 use crate::pipeline::link::Link;
 use crate::pipeline::reply::{self, Replier};
-use crate::pipeline::settle::{Finished, settle_finished, settle_one};
+use crate::pipeline::settle::{
+    AcceptBuffer, Finished, SettleBatching, settle_finished, settle_one,
+};
 use crate::shutdown::StopSignals;
 use crate::telemetry::EnrollmentTelemetry;
 use crate::telemetry::events::{BreakerChanged, InFlightChanged, InFlightCleared, Redelivered};
@@ -42,6 +44,7 @@ pub struct LoopParts<'a> {
     pub granted: u32,
     /// Publishes replies (`delivery.reply`); `None` where nothing can be published.
     pub replier: Option<&'a Replier>,
+    pub settle_batching: SettleBatching,
 }
 
 /// A panicked delivery: the message is rejected, so the broker dead-letters it rather than
@@ -62,6 +65,7 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
         credit,
         granted,
         replier,
+        settle_batching,
     } = parts;
     let replies = dispatcher.policy().reply;
     let max_in_flight = dispatcher.policy().max_in_flight as usize;
@@ -69,6 +73,7 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
     // only an aborted task (after a link failure, when nothing can be settled) returns none.
     let mut in_flight: JoinSet<Finished<L::Delivery>> = JoinSet::new();
     let mut breaker = dispatcher.breaker.subscribe();
+    let mut accepts = AcceptBuffer::new(settle_batching, credit);
     let mut credit = CreditFollower::new(credit, granted);
     // Whether this broker sets `first-acquirer` (see `request_for`).
     let mut sets_first_acquirer = false;
@@ -93,7 +98,7 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                     .chain(std::iter::from_fn(|| in_flight.try_join_next()))
                     .filter_map(Result::ok)
                     .collect();
-                if let Err(e) = settle_finished(link, telemetry, finished).await {
+                if let Err(e) = settle_finished(link, telemetry, &mut accepts, finished).await {
                     break LinkEnd::Failed(e);
                 }
                 // A half-open breaker grants its probe credit once the hand is empty.
@@ -106,6 +111,11 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                 let state = *breaker.borrow_and_update();
                 telemetry.emit_status(BreakerChanged(state));
                 if let Err(e) = credit.follow(link, state, in_flight.len()).await {
+                    break LinkEnd::Failed(e);
+                }
+            }
+            _ = sleep_until(accepts.flush_at()), if !accepts.is_empty() => {
+                if let Err(e) = accepts.flush(link, telemetry).await {
                     break LinkEnd::Failed(e);
                 }
             }
@@ -168,8 +178,10 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                             }
                         }
                     };
+                    // The accept joins the buffer: the next POST need not wait for it.
                     let outcome = outcome.unwrap_or_else(|reason| panicked("delivery", reason));
-                    if let Err(e) = settle_one(link, telemetry, delivery, outcome).await {
+                    let finished = std::iter::once((delivery, outcome));
+                    if let Err(e) = settle_finished(link, telemetry, &mut accepts, finished).await {
                         break LinkEnd::Failed(e);
                     }
                     if let Some(e) = credit_error {
@@ -211,6 +223,8 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
     let link_failed = matches!(end, LinkEnd::Failed(_));
     if link_failed {
         in_flight.abort_all();
+    } else if let Err(e) = accepts.flush(link, telemetry).await {
+        tracing::debug!(error = %e, "settling while stopping failed");
     }
     while let Some(joined) = in_flight.join_next().await {
         let Ok((delivery, outcome)) = joined else {

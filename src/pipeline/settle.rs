@@ -1,5 +1,10 @@
 //! Settlement: the one table from what became of a message to what the broker is told and how
-//! it is counted, and the settling of finished deliveries (accepts batched).
+//! it is counted, and the settling of finished deliveries: accepts wait in an [`AcceptBuffer`]
+//! and go out as ranges of delivery ids, the other outcomes one by one.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::amqp::error::LinkError;
 use crate::amqp::outcome::Disposition;
@@ -61,38 +66,124 @@ pub async fn settle_one<L: Link>(
     Ok(())
 }
 
-/// Settles deliveries that finished together: the accepted (and dropped) ones in one batch,
-/// the others one by one.
+/// How accepts are gathered before they go to the broker: at most `max` deliveries, or the
+/// oldest waits at most `delay`. Batched accepts cost the broker a frame per range instead
+/// of one per message; the window they add is what a crash can redeliver on top of the
+/// messages in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettleBatching {
+    pub max: usize,
+    pub delay: Duration,
+}
+
+impl SettleBatching {
+    /// One accept per message as it finishes.
+    pub const OFF: Self = Self {
+        max: 1,
+        delay: Duration::ZERO,
+    };
+}
+
+/// Accepted (and dropped) deliveries waiting to be accepted together.
+pub struct AcceptBuffer<D> {
+    deliveries: Vec<D>,
+    accepted: usize,
+    dropped: usize,
+    max: usize,
+    delay: Duration,
+    flush_at: Option<Instant>,
+}
+
+impl<D> AcceptBuffer<D> {
+    /// A buffer that never holds more than half the link's credit: fe2o3 tops the credit up
+    /// only once half of it is settled, so a fuller buffer would starve the link until the
+    /// delay runs out.
+    pub fn new(batching: SettleBatching, credit: u32) -> Self {
+        let half_credit = (credit as usize / 2).max(1);
+        let max = batching.max.clamp(1, half_credit);
+        Self {
+            deliveries: Vec::with_capacity(max),
+            accepted: 0,
+            dropped: 0,
+            max,
+            delay: batching.delay,
+            flush_at: None,
+        }
+    }
+
+    /// Adds a finished delivery; true when the buffer should be flushed now.
+    pub fn push(&mut self, delivery: D, dropped: bool) -> bool {
+        if self.deliveries.is_empty() {
+            self.flush_at = Some(Instant::now() + self.delay);
+        }
+        self.deliveries.push(delivery);
+        if dropped {
+            self.dropped += 1;
+        } else {
+            self.accepted += 1;
+        }
+        self.deliveries.len() >= self.max || self.delay.is_zero()
+    }
+
+    /// When the oldest waiting accept is due; `None` while nothing waits.
+    pub fn flush_at(&self) -> Option<Instant> {
+        self.flush_at
+    }
+
+    pub fn len(&self) -> usize {
+        self.deliveries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deliveries.is_empty()
+    }
+
+    /// Accepts everything waiting, in as few dispositions as the link can.
+    pub async fn flush<L: Link<Delivery = D>>(
+        &mut self,
+        link: &mut L,
+        telemetry: &EnrollmentTelemetry,
+    ) -> Result<(), LinkError> {
+        self.flush_at = None;
+        if self.deliveries.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.deliveries, Vec::with_capacity(self.max));
+        let (accepted, dropped) = (self.accepted, self.dropped);
+        (self.accepted, self.dropped) = (0, 0);
+        telemetry.emit(InFlightChanged(-(batch.len() as i64)));
+        link.accept_all(batch).await?;
+        telemetry.emit(BatchAccepted { accepted, dropped });
+        Ok(())
+    }
+}
+
+/// Settles finished deliveries: accepted and dropped ones join the buffer (flushed when it
+/// is full), the others are settled one by one at once.
 pub async fn settle_finished<L: Link>(
     link: &mut L,
     telemetry: &EnrollmentTelemetry,
-    finished: Vec<Finished<L::Delivery>>,
+    buffer: &mut AcceptBuffer<L::Delivery>,
+    finished: impl IntoIterator<Item = Finished<L::Delivery>>,
 ) -> Result<(), LinkError> {
-    let mut batch = Vec::with_capacity(finished.len());
-    let mut accepted = 0;
-    let mut dropped = 0;
     for (delivery, outcome) in finished {
-        match &outcome {
+        let full = match &outcome {
             DeliveryOutcome::Delivered { age } => {
                 if let Some(age) = age {
                     telemetry.emit(MessageAged(*age));
                 }
-                accepted += 1;
-                batch.push(delivery);
+                buffer.push(delivery, false)
             }
-            DeliveryOutcome::Dropped { .. } => {
-                dropped += 1;
-                batch.push(delivery);
+            DeliveryOutcome::Dropped { .. } => buffer.push(delivery, true),
+            _ => {
+                settle_one(link, telemetry, delivery, outcome).await?;
+                false
             }
-            _ => settle_one(link, telemetry, delivery, outcome).await?,
+        };
+        if full {
+            buffer.flush(link, telemetry).await?;
         }
     }
-    if batch.is_empty() {
-        return Ok(());
-    }
-    telemetry.emit(InFlightChanged(-(batch.len() as i64)));
-    link.accept_all(batch).await?;
-    telemetry.emit(BatchAccepted { accepted, dropped });
     Ok(())
 }
 
@@ -164,5 +255,23 @@ mod tests {
         }
         assert_eq!(L::HandedBack.as_str(), "released");
         assert_eq!(L::Modified.as_str(), "modified");
+    }
+
+    #[test]
+    fn the_buffer_holds_at_most_half_the_credit_and_says_when_it_is_full() {
+        let batching = SettleBatching {
+            max: 64,
+            delay: Duration::from_micros(500),
+        };
+        for (credit, want) in [(1000, 64), (100, 50), (5, 2), (1, 1), (0, 1)] {
+            let mut buffer = AcceptBuffer::<u32>::new(batching, credit);
+            assert!(buffer.flush_at().is_none());
+            let full: Vec<bool> = (0..want).map(|i| buffer.push(i as u32, false)).collect();
+            assert_eq!(full.iter().filter(|f| **f).count(), 1, "credit {credit}");
+            assert_eq!(full.last(), Some(&true), "credit {credit}: full at {want}");
+            assert!(buffer.flush_at().is_some());
+        }
+        let mut off = AcceptBuffer::<u32>::new(SettleBatching::OFF, 1000);
+        assert!(off.push(1, true), "off: every accept goes out at once");
     }
 }

@@ -21,6 +21,7 @@ use crate::enrollment::record::{Enrollment, SubscriptionArgs};
 use crate::enrollment::settings::DeliverySettings;
 use crate::enrollment::status::{BreakerState, WorkerState};
 use crate::pipeline::fake::{Call, FakeBroker, FakeOpener, settlements};
+use crate::pipeline::settle::SettleBatching;
 use crate::pipeline::worker::{WorkerContext, WorkerEnd, run};
 use crate::shutdown::StopSignals;
 use crate::telemetry::metrics::Metrics;
@@ -93,6 +94,7 @@ pub(crate) fn context(broker: &FakeBroker) -> WorkerContext<FakeOpener> {
         opener: Arc::new(FakeOpener(broker.clone())),
         http: reqwest::Client::new(),
         default_prefetch: 10,
+        settle_batching: SettleBatching::OFF,
         reconnect: BackoffSettings {
             min: Duration::from_millis(10),
             max: Duration::from_millis(50),
@@ -321,7 +323,7 @@ async fn a_failed_link_is_abandoned_and_a_new_one_carries_on() {
         calls,
         [
             Call::Open,
-            Call::Settle(0, Disposition::Accept),
+            Call::AcceptAll(vec![0]),
             Call::Abandon,
             Call::Open
         ]

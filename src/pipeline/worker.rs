@@ -12,6 +12,7 @@ use crate::pipeline::credit::CreditFollower;
 use crate::pipeline::link::{Link, LinkOpener};
 use crate::pipeline::receive::{LinkEnd, LoopParts, receive_loop};
 use crate::pipeline::reply::Replier;
+use crate::pipeline::settle::SettleBatching;
 use crate::shutdown::StopSignals;
 use crate::telemetry::events::{Connecting, LinkAttached, LinkDown, WorkerRefused, WorkerStopped};
 use crate::telemetry::{EnrollmentTelemetry, Metrics};
@@ -23,6 +24,8 @@ pub struct WorkerContext<O> {
     /// only ties up its own connections.
     pub http: reqwest::Client,
     pub default_prefetch: u32,
+    /// How accepts are gathered into ranges (`SETTLE_BATCH_MAX`, `SETTLE_BATCH_DELAY_US`).
+    pub settle_batching: SettleBatching,
     pub reconnect: BackoffSettings,
     pub metrics: Metrics,
     /// Publishes the replies of enrollments with `delivery.reply`.
@@ -35,6 +38,7 @@ impl<O> Clone for WorkerContext<O> {
             opener: Arc::clone(&self.opener),
             http: self.http.clone(),
             default_prefetch: self.default_prefetch,
+            settle_batching: self.settle_batching,
             reconnect: self.reconnect,
             metrics: self.metrics.clone(),
             replier: self.replier.clone(),
@@ -134,6 +138,7 @@ pub async fn run<O: LinkOpener>(
                     credit,
                     granted,
                     replier: ctx.replier.as_ref(),
+                    settle_batching: ctx.settle_batching,
                 };
                 match receive_loop(parts, &mut link).await {
                     LinkEnd::Stopped => {
