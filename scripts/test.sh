@@ -93,7 +93,7 @@ cargo test --workspace --all-targets -- --test-threads=2
 # The broker matrix: what depends on broker semantics (delivery and order, the failure outcome
 # and what the broker does with it, dead letters, poison vs outage, kill -9, broker restart,
 # pause/resume, the counted fault tests) once more against RabbitMQ 4.0, with its expectations.
-MATRIX_BINARIES=(dispatch reliability dead_letters broker_restart process request_reply)
+MATRIX_BINARIES=(dispatch reliability dead_letters broker_restart process request_reply batch)
 MATRIX_FILTERED=(faults operate policy)
 MATRIX_FILTERS=(kill_9 flapping pause_keeps json_logs a_ten_second_outage retries_use reject_on)
 if [[ "${HOT_POTATO_SKIP_RABBITMQ4:-0}" != 1 ]]; then

@@ -5,6 +5,7 @@
 //! - [`request`]: message → POST (body, `Content-Type`, `amqp-*` headers).
 //! - [`publish`]: the other direction: HTTP request → message, answer → reply, reply →
 //!   HTTP answer.
+//! - [`batch`]: several messages as one POST (`delivery.batch`): the body and the answer.
 //! - [`post`]: one POST and what came back (the answer's body read up to a bound).
 //! - [`resolver`]: the client's resolver, applying the target rules to every address.
 //! - [`verdict`]: status → success, retry, reject, drop or fail.
@@ -13,6 +14,7 @@
 //! - [`dispatcher`]: one message's attempts, giving a [`DeliveryOutcome`].
 
 pub mod amqp_json;
+pub mod batch;
 pub mod breaker;
 pub mod dispatcher;
 pub mod post;

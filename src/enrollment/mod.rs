@@ -3,6 +3,7 @@
 //! - [`record`]: the stored enrollment, its subscription arguments, the validated creation request.
 //! - [`error`]: why a creation request is refused (400 or 422).
 //! - [`settings`]: the `delivery` object as given, its validation and bounds.
+//! - [`batch`]: `delivery.batch`, several messages per POST: bounds and defaults.
 //! - [`status_pattern`]: status codes, ranges and classes (`retry_on`, `reject_on`, `drop_on`).
 //! - [`policy`]: the effective delivery policy (settings over the daemon's defaults).
 //! - [`outcome`]: how a failed message goes back to the broker.
@@ -16,6 +17,7 @@
 
 pub mod address;
 pub mod address_glob;
+pub mod batch;
 pub mod error;
 pub mod live;
 pub mod outcome;

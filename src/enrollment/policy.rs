@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::enrollment::batch::{BatchInput, BatchPolicy};
 use crate::enrollment::settings::{Auth, BackoffKind, DeliverySettings, REDACTED, Signing};
 use crate::enrollment::status_pattern::StatusPattern;
 
@@ -80,6 +81,9 @@ pub struct DeliveryPolicy {
     /// Response headers the reply carries as application properties.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reply_headers: Vec<String>,
+    /// Several messages per POST; `None`: one message per POST.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchPolicy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -143,6 +147,7 @@ impl DeliverySettings {
             response_max_bytes: defaults.response_max_bytes,
             reply: self.reply.unwrap_or(false),
             reply_headers: self.reply_headers.clone().unwrap_or_default(),
+            batch: self.batch.as_ref().map(BatchInput::resolve),
         }
     }
 }

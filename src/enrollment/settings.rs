@@ -10,6 +10,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
+use crate::enrollment::batch::BatchInput;
 use crate::enrollment::error::EnrollmentError;
 use crate::enrollment::status_pattern::StatusPattern;
 
@@ -76,6 +77,9 @@ pub struct DeliverySettings {
     /// Response headers copied into the reply as application properties.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_headers: Option<Vec<String>>,
+    /// Several messages per POST (see [`crate::enrollment::batch`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchInput>,
 }
 
 /// At most this many `delivery.reply_headers`.
@@ -283,6 +287,13 @@ impl DeliverySettings {
                 return invalid("auth", "name and value must form a valid HTTP header");
             }
             _ => {}
+        }
+        if let Some(batch) = &self.batch {
+            batch.validate()?;
+            if self.reply == Some(true) {
+                // A reply answers one message; a batch's one answer has no message to go to.
+                return invalid("batch", "cannot be combined with `delivery.reply`");
+            }
         }
         if let Some(names) = &self.reply_headers {
             if names.len() > MAX_REPLY_HEADERS {

@@ -6,9 +6,11 @@
 //! - [`receive`]: one link's loop: in-flight bound, inline or spawned deliveries, breaker.
 //! - [`reply`]: the reply step: the final answer published to `reply-to` before settling.
 //! - [`settle`]: the one table outcome → disposition + label; batched accepts.
+//! - [`batch`]: batched POSTs: gathering messages into batches, one outcome per message.
 //! - [`credit`]: link credit that follows the breaker.
 //! - [`catch`]: one message's panic kept to that message.
 
+pub mod batch;
 pub mod catch;
 pub mod credit;
 pub mod link;

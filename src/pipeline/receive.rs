@@ -14,6 +14,7 @@ use crate::amqp::error::LinkError;
 use crate::amqp::link::Incoming;
 use crate::delivery::dispatcher::{DeliveryOutcome, Dispatcher};
 use crate::delivery::request::PushRequest;
+use crate::pipeline::batch::{self, Gathering};
 use crate::pipeline::catch::{CatchUnwind, catch};
 use crate::pipeline::credit::CreditFollower;
 use crate::pipeline::link::Link;
@@ -47,6 +48,44 @@ pub struct LoopParts<'a> {
     pub settle_batching: SettleBatching,
 }
 
+/// What a delivery task gives back: one message's outcome, or each of a batch's.
+enum Done<D> {
+    One(Finished<D>),
+    Batch(Vec<Finished<D>>),
+}
+
+impl<D> Done<D> {
+    fn into_finished(self) -> impl Iterator<Item = Finished<D>> {
+        let (one, many) = match self {
+            Done::One(finished) => (Some(finished), Vec::new()),
+            Done::Batch(all) => (None, all),
+        };
+        one.into_iter().chain(many)
+    }
+}
+
+/// Starts the POSTs of the batches ready to go, while POST slots are free.
+fn send_ready<D: Send + 'static>(
+    gathering: &mut Gathering<D>,
+    in_flight: &mut JoinSet<Done<D>>,
+    max_in_flight: usize,
+    dispatcher: &Arc<Dispatcher>,
+    signals: &StopSignals,
+) {
+    let now = tokio::time::Instant::now();
+    while in_flight.len() < max_in_flight {
+        let Some(ready) = gathering.next_ready(now) else {
+            return;
+        };
+        let dispatcher = Arc::clone(dispatcher);
+        let signals = signals.clone();
+        in_flight.spawn(
+            async move { Done::Batch(batch::deliver(&dispatcher, ready, &signals).await) }
+                .instrument(tracing::Span::current()),
+        );
+    }
+}
+
 /// A panicked delivery: the message is rejected, so the broker dead-letters it rather than
 /// redelivering it into the same panic.
 fn panicked(what: &str, reason: String) -> DeliveryOutcome {
@@ -71,7 +110,10 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
     let max_in_flight = dispatcher.policy().max_in_flight as usize;
     // Each task returns its delivery with the outcome, a panic included (caught inside), so
     // only an aborted task (after a link failure, when nothing can be settled) returns none.
-    let mut in_flight: JoinSet<Finished<L::Delivery>> = JoinSet::new();
+    let mut in_flight: JoinSet<Done<L::Delivery>> = JoinSet::new();
+    // With `delivery.batch`, messages gather while batches are under way (the link credit
+    // bounds them) and at most `max_in_flight` batch POSTs run at once.
+    let mut gathering = dispatcher.policy().batch.map(Gathering::new);
     let mut breaker = dispatcher.breaker.subscribe();
     let mut accepts = AcceptBuffer::new(settle_batching, credit);
     let mut credit = CreditFollower::new(credit, granted);
@@ -97,9 +139,13 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                 let finished: Vec<Finished<L::Delivery>> = std::iter::once(joined)
                     .chain(std::iter::from_fn(|| in_flight.try_join_next()))
                     .filter_map(Result::ok)
+                    .flat_map(Done::into_finished)
                     .collect();
                 if let Err(e) = settle_finished(link, telemetry, &mut accepts, finished).await {
                     break LinkEnd::Failed(e);
+                }
+                if let Some(gathering) = gathering.as_mut() {
+                    send_ready(gathering, &mut in_flight, max_in_flight, dispatcher, signals);
                 }
                 // A half-open breaker grants its probe credit once the hand is empty.
                 let state = *breaker.borrow();
@@ -119,12 +165,19 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                     break LinkEnd::Failed(e);
                 }
             }
+            _ = sleep_until(gathering.as_ref().and_then(Gathering::due_at)),
+                if in_flight.len() < max_in_flight
+                    && gathering.as_ref().is_some_and(|g| g.due_at().is_some()) => {
+                if let Some(gathering) = gathering.as_mut() {
+                    send_ready(gathering, &mut in_flight, max_in_flight, dispatcher, signals);
+                }
+            }
             _ = sleep_until(half_opens_at), if half_opens_at.is_some() => {
                 // The breaker's own timer: it turns half-open even with nothing in hand to
                 // ask, and the change above then grants the probe its credit.
                 dispatcher.breaker.half_open_if_due();
             }
-            received = link.recv(), if in_flight.len() < max_in_flight => {
+            received = link.recv(), if gathering.is_some() || in_flight.len() < max_in_flight => {
                 let (delivery, message) = match received {
                     Ok(Incoming::Message { delivery, message }) => (delivery, message),
                     Ok(Incoming::Undecodable { delivery, reason }) => {
@@ -154,6 +207,12 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                         continue;
                     }
                 };
+                if let Some(gathering) = gathering.as_mut() {
+                    drop(message);
+                    gathering.push(delivery, request);
+                    send_ready(gathering, &mut in_flight, max_in_flight, dispatcher, signals);
+                    continue;
+                }
                 let plan = reply::plan(replies, &message);
                 drop(message);
                 if max_in_flight == 1 {
@@ -208,7 +267,7 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                         let outcome = CatchUnwind(delivering)
                             .await
                             .unwrap_or_else(|reason| panicked("delivery", reason));
-                        (delivery, outcome)
+                        Done::One((delivery, outcome))
                     }
                     // Keeps the enrollment id and queue on the delivery's log lines.
                     .instrument(tracing::Span::current()),
@@ -223,18 +282,30 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
     let link_failed = matches!(end, LinkEnd::Failed(_));
     if link_failed {
         in_flight.abort_all();
-    } else if let Err(e) = accepts.flush(link, telemetry).await {
-        tracing::debug!(error = %e, "settling while stopping failed");
+    } else {
+        if let Err(e) = accepts.flush(link, telemetry).await {
+            tracing::debug!(error = %e, "settling while stopping failed");
+        }
+        // Gathered but never sent: back to the broker at once, uncounted.
+        let unsent = gathering.as_mut().map(Gathering::drain).unwrap_or_default();
+        for delivery in unsent {
+            let outcome = DeliveryOutcome::HandedBack;
+            if let Err(e) = settle_one(link, telemetry, delivery, outcome).await {
+                tracing::debug!(error = %e, "settling while stopping failed");
+            }
+        }
     }
     while let Some(joined) = in_flight.join_next().await {
-        let Ok((delivery, outcome)) = joined else {
+        let Ok(done) = joined else {
             continue;
         };
         if link_failed {
             continue;
         }
-        if let Err(e) = settle_one(link, telemetry, delivery, outcome).await {
-            tracing::debug!(error = %e, "settling while stopping failed");
+        for (delivery, outcome) in done.into_finished() {
+            if let Err(e) = settle_one(link, telemetry, delivery, outcome).await {
+                tracing::debug!(error = %e, "settling while stopping failed");
+            }
         }
     }
     // Whatever was not settled went back to the broker with the link.

@@ -91,12 +91,15 @@ pub async fn run<O: LinkOpener>(
         }
     };
     let max_in_flight = dispatcher.policy().max_in_flight;
-    // Credit at least covers the POSTs allowed in flight, so none of them waits on the broker.
+    // Credit at least covers the POSTs allowed in flight, so none of them waits on the broker,
+    // and a whole batch, so one can fill before its wait runs out.
+    let batch_messages = dispatcher.policy().batch.map_or(0, |b| b.max_messages);
     let credit = enrollment
         .subscription_args
         .prefetch
         .unwrap_or(ctx.default_prefetch)
-        .max(max_in_flight);
+        .max(max_in_flight)
+        .max(batch_messages);
     let mut backoff = Backoff::new(ctx.reconnect);
     let end = loop {
         telemetry.emit_status(Connecting);
