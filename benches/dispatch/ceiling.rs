@@ -15,7 +15,7 @@ use hot_potato_testkit::management::Management;
 use crate::DEPTH_LIMIT;
 use crate::load::preload;
 use crate::process::drain_limit;
-use crate::procstat::cpu_ticks;
+use crate::procstat::{broker_pid, cpu_ticks};
 use crate::report::{Report, Row};
 use crate::settings::Settings;
 
@@ -28,9 +28,9 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
         "\n== ceiling: bare fe2o3-amqp receiver, {} msgs, credit {}",
         s.messages, s.prefetch
     );
-    let (rate, cpu) = ceiling(s, mgmt, false).await.context("ceiling")?;
+    let (rate, cpu, broker_us) = ceiling(s, mgmt, false).await.context("ceiling")?;
     println!("  Connection::open: {rate:.0} msg/s");
-    let (rate_nd, cpu_nd) = ceiling(s, mgmt, true)
+    let (rate_nd, cpu_nd, broker_us_nd) = ceiling(s, mgmt, true)
         .await
         .context("ceiling, TCP_NODELAY")?;
     println!("  TCP_NODELAY (as hot-potato connects): {rate_nd:.0} msg/s");
@@ -43,6 +43,8 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
         rate,
         cpu_per_10k: Some(cpu),
         peak_rss_mib: None,
+        broker_us,
+        target_us: None,
     });
     report.rows.push(Row {
         name: format!(
@@ -52,6 +54,8 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
         rate: rate_nd,
         cpu_per_10k: Some(cpu_nd),
         peak_rss_mib: None,
+        broker_us: broker_us_nd,
+        target_us: None,
     });
     Ok(())
 }
@@ -82,8 +86,12 @@ async fn open_nodelay(
 
 /// The bare receiver: `recv` + `accept` per message, credit `BENCH_PREFETCH`. `nodelay`
 /// opens the connection as hot-potato does instead of with `Connection::open`. Returns the
-/// rate and this process's CPU seconds per 10k messages.
-async fn ceiling(s: &Settings, mgmt: &Management, nodelay: bool) -> Result<(f64, f64)> {
+/// rate, this process's CPU seconds per 10k messages and the broker's CPU µs per message.
+async fn ceiling(
+    s: &Settings,
+    mgmt: &Management,
+    nodelay: bool,
+) -> Result<(f64, f64, Option<f64>)> {
     let queue = s.queue(if nodelay {
         "ceiling-nodelay"
     } else {
@@ -93,6 +101,8 @@ async fn ceiling(s: &Settings, mgmt: &Management, nodelay: bool) -> Result<(f64,
     preload(s, std::slice::from_ref(&queue), s.messages).await?;
     mgmt.wait_depth(&queue, s.messages, DEPTH_LIMIT).await?;
 
+    let broker = broker_pid();
+    let broker0 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
     let ticks0 = cpu_ticks("self")?;
     let started = Instant::now();
     let drained = tokio::time::timeout(drain_limit(s.messages), async {
@@ -128,8 +138,12 @@ async fn ceiling(s: &Settings, mgmt: &Management, nodelay: bool) -> Result<(f64,
         )
     })??;
     let cpu = s.cpu_secs(cpu_ticks("self")? - ticks0);
+    let broker1 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
+    let broker_us = broker0
+        .zip(broker1)
+        .map(|(a, b)| s.cpu_secs(b - a) / s.messages as f64 * 1e6);
     mgmt.wait_depth(&queue, 0, DEPTH_LIMIT).await?;
     mgmt.delete_queues(vec![queue]).await?;
     let rate = s.messages as f64 / drained.as_secs_f64();
-    Ok((rate, cpu / s.messages as f64 * 10_000.0))
+    Ok((rate, cpu / s.messages as f64 * 10_000.0, broker_us))
 }

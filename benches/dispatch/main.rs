@@ -23,6 +23,9 @@
 //!   reports fewer free sockets than it needs.
 //! - `BENCH_ONLY`: a comma-separated subset of `ceiling`, `throughput` (runs the ceiling too),
 //!   `isolation`, `latency`, `publish`, `scale`.
+//! - `BENCH_CASES`: a comma-separated subset of the throughput rows by label
+//!   (`single-mif1`, `single-mif16`, `single-mif32`, `single-defaults-mif32`,
+//!   `single-batched`, `eight-mif1`, `eight-mif16`).
 //! - `BENCH_DAEMON_<NAME>=<value>`: every daemon runs with `<NAME>=<value>`, e.g.
 //!   `BENCH_DAEMON_TOKIO_WORKER_THREADS=1`.
 //! - `BENCH_CLK_TCK` (100): clock ticks per second of /proc/PID/stat (`getconf CLK_TCK`).

@@ -16,6 +16,10 @@ pub struct Row {
     /// Daemon (or, for the ceiling, receiver) CPU seconds per 10,000 messages.
     pub cpu_per_10k: Option<f64>,
     pub peak_rss_mib: Option<f64>,
+    /// The broker's CPU µs per message over the same run (from its /proc entry).
+    pub broker_us: Option<f64>,
+    /// The HTTP target's CPU µs per message (the bench process while the daemon drains).
+    pub target_us: Option<f64>,
 }
 
 /// What one daemon scenario measured.
@@ -23,6 +27,8 @@ pub struct Measured {
     pub rate: f64,
     pub cpu_per_10k: f64,
     pub peak_rss_mib: f64,
+    pub broker_us: Option<f64>,
+    pub target_us: Option<f64>,
 }
 
 #[derive(Default)]
@@ -66,6 +72,8 @@ impl Report {
                 rate: m.rate,
                 cpu_per_10k: Some(m.cpu_per_10k),
                 peak_rss_mib: Some(m.peak_rss_mib),
+                broker_us: m.broker_us,
+                target_us: m.target_us,
             }),
             Err(e) => self.fail(&name, e),
         }
@@ -85,17 +93,24 @@ impl Report {
             s.prefetch
         );
         if !self.rows.is_empty() {
-            println!("| scenario | msg/s | ratio to ceiling | CPU s / 10k msgs | peak RSS MiB |");
-            println!("|---|---:|---:|---:|---:|");
+            println!(
+                "| scenario | msg/s | ratio to ceiling | broker µs/msg | daemon (or receiver) µs/msg | target µs/msg | peak RSS MiB |"
+            );
+            println!("|---|---:|---:|---:|---:|---:|---:|");
+            let us = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.1}"));
             for row in &self.rows {
                 let ratio = self
                     .ceiling
                     .map_or("—".into(), |c| format!("{:.2}", row.rate / c));
-                let cpu = row.cpu_per_10k.map_or("—".into(), |c| format!("{c:.2}"));
+                // CPU s per 10k messages is 100 µs per message per unit.
+                let cpu = us(row.cpu_per_10k.map(|c| c * 100.0));
                 let rss = row.peak_rss_mib.map_or("—".into(), |r| format!("{r:.1}"));
                 println!(
-                    "| {} | {:.0} | {ratio} | {cpu} | {rss} |",
-                    row.name, row.rate
+                    "| {} | {:.0} | {ratio} | {} | {cpu} | {} | {rss} |",
+                    row.name,
+                    row.rate,
+                    us(row.broker_us),
+                    us(row.target_us)
                 );
             }
             println!(

@@ -36,6 +36,8 @@ pub struct Settings {
     pub only: Vec<String>,
     /// Where the daemons' logs are kept.
     pub log_dir: PathBuf,
+    /// Throughput rows to run (`BENCH_CASES`, their labels), all when empty.
+    pub cases: Vec<String>,
 }
 
 fn env_parse<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
@@ -83,6 +85,12 @@ impl Settings {
                 .filter(|w| !w.is_empty())
                 .collect(),
             log_dir: root.join("target/bench-logs").join(&run_id),
+            cases: std::env::var("BENCH_CASES")
+                .unwrap_or_default()
+                .split(',')
+                .map(|w| w.trim().to_string())
+                .filter(|w| !w.is_empty())
+                .collect(),
         };
         if let Some(unknown) = s.only.iter().find(|w| !SCENARIOS.contains(&w.as_str())) {
             bail!(
@@ -109,6 +117,11 @@ impl Settings {
 
     pub fn wants(&self, scenario: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|w| w == scenario)
+    }
+
+    /// Whether a throughput row runs: all of them unless `BENCH_CASES` lists some labels.
+    pub fn wants_case(&self, label: &str) -> bool {
+        self.cases.is_empty() || self.cases.iter().any(|c| c == label)
     }
 
     /// This run's name for a queue: `bench-<run>-<name>`.

@@ -14,24 +14,70 @@ use crate::procstat::{broker_pid, cpu_ticks, mib};
 use crate::report::{Measured, Report};
 use crate::settings::Settings;
 
-/// (label, queues, max_in_flight) of each row.
-const CASES: [(&str, usize, u32); 4] = [
-    ("single-mif1", 1, 1),
-    ("single-mif16", 1, 16),
-    ("single-mif32", 1, 32),
-    ("eight-mif1", 8, 1),
+/// How an enrollment of a row is set up.
+#[derive(Clone, Copy)]
+enum Setup {
+    /// `subscription_args.prefetch` = BENCH_PREFETCH, `max_in_flight` as given.
+    Prefetch(u32),
+    /// Only `max_in_flight`: the daemon's default credit and settlement batching.
+    Defaults(u32),
+    /// `delivery.batch` of this many messages, `max_in_flight` 4, BENCH_PREFETCH.
+    Batched(u32),
+}
+
+/// (label, queues, setup) of each row.
+const CASES: [(&str, usize, Setup); 7] = [
+    ("single-mif1", 1, Setup::Prefetch(1)),
+    ("single-mif16", 1, Setup::Prefetch(16)),
+    ("single-mif32", 1, Setup::Prefetch(32)),
+    ("single-defaults-mif32", 1, Setup::Defaults(32)),
+    ("single-batched", 1, Setup::Batched(100)),
+    ("eight-mif1", 8, Setup::Prefetch(1)),
+    ("eight-mif16", 8, Setup::Prefetch(16)),
 ];
+
+impl Setup {
+    fn describe(self) -> String {
+        match self {
+            Setup::Prefetch(mif) => format!("max_in_flight {mif}"),
+            Setup::Defaults(mif) => format!("max_in_flight {mif}, default prefetch"),
+            Setup::Batched(n) => format!("batches of {n}, max_in_flight 4"),
+        }
+    }
+
+    fn enrollment(self, s: &Settings, queue: &str, url: &str) -> serde_json::Value {
+        match self {
+            Setup::Prefetch(mif) => s.enrollment(queue, url, mif),
+            Setup::Defaults(mif) => {
+                let mut e = s.enrollment(queue, url, mif);
+                e["subscription_args"] = serde_json::json!({});
+                e
+            }
+            Setup::Batched(n) => {
+                let mut e = s.enrollment(queue, url, 4);
+                e["delivery"]["batch"] = serde_json::json!({"max_messages": n, "max_wait_ms": 5});
+                e
+            }
+        }
+    }
+}
 
 /// Every case, one table row each.
 pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) {
-    for (label, queues, mif) in CASES {
+    for (label, queues, setup) in CASES {
+        if !s.wants_case(label) {
+            continue;
+        }
         let name = if queues == 1 {
-            format!("hot-potato, 1 enrollment, max_in_flight {mif}")
+            format!("hot-potato, 1 enrollment, {}", setup.describe())
         } else {
-            format!("hot-potato, {queues} enrollments on {queues} queues, max_in_flight {mif} each")
+            format!(
+                "hot-potato, {queues} enrollments on {queues} queues, {} each",
+                setup.describe()
+            )
         };
         println!("\n== {name}");
-        let outcome = throughput(s, mgmt, report, label, queues, mif).await;
+        let outcome = throughput(s, mgmt, report, label, queues, setup).await;
         report.row(name, outcome);
     }
 }
@@ -43,7 +89,7 @@ async fn throughput(
     report: &mut Report,
     label: &str,
     queues: usize,
-    max_in_flight: u32,
+    setup: Setup,
 ) -> Result<Measured> {
     let names: Vec<String> = (0..queues)
         .map(|i| s.queue(&format!("{label}-{i}")))
@@ -61,15 +107,18 @@ async fn throughput(
     let broker0 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
 
     let ticks0 = daemon.cpu_ticks()?;
+    // The target runs in this process: its CPU is this process's while the daemon drains.
+    let target0 = cpu_ticks("self")?;
     let started = Instant::now();
     for name in &names {
         daemon
             .api
-            .enroll_id(&s.enrollment(name, &target.url(), max_in_flight))
+            .enroll_id(&setup.enrollment(s, name, &target.url()))
             .await?;
     }
     let done = wait_goal(&mut daemon, &target, total, drain_limit(total)).await?;
     let ticks1 = daemon.cpu_ticks()?;
+    let target1 = cpu_ticks("self")?;
     let broker1 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
     let elapsed = done.duration_since(started).as_secs_f64();
     let peak = daemon.peak_rss_kb()?;
@@ -83,10 +132,10 @@ async fn throughput(
             .sum::<u64>()
     };
     let (delivered, failed, retries) = (sum("delivered"), sum("failed"), sum("retries"));
-    let posts = target.count() as u64;
-    if delivered != total || failed != 0 || retries != 0 || posts != total {
+    let posted = target.count() as u64;
+    if delivered != total || failed != 0 || retries != 0 || posted != total {
         report.notes.push(format!(
-            "{label}: {posts} POSTs for {total} messages; daemon counted delivered {delivered}, failed {failed}, retries {retries}"
+            "{label}: {posted} messages POSTed for {total}; daemon counted delivered {delivered}, failed {failed}, retries {retries}"
         ));
     }
     report.note_log(&daemon);
@@ -94,18 +143,23 @@ async fn throughput(
     mgmt.delete_queues(names).await?;
 
     let cpu = s.cpu_secs(ticks1 - ticks0);
-    let broker_cpu = match (broker0, broker1) {
-        (Some(a), Some(b)) => format!(", broker {:.2} CPU s", s.cpu_secs(b - a)),
-        _ => String::new(),
+    let broker_secs = match (broker0, broker1) {
+        (Some(a), Some(b)) => Some(s.cpu_secs(b - a)),
+        _ => None,
     };
+    let broker_cpu = broker_secs.map_or(String::new(), |b| format!(", broker {b:.2} CPU s"));
+    let target_secs = s.cpu_secs(target1 - target0);
     println!(
         "  {total} messages in {elapsed:.2} s: {:.0} msg/s; daemon {cpu:.2} CPU s{broker_cpu}, peak RSS {:.1} MiB",
         total as f64 / elapsed,
         mib(peak)
     );
+    let per_message_us = |secs: f64| secs / total as f64 * 1e6;
     Ok(Measured {
         rate: total as f64 / elapsed,
         cpu_per_10k: cpu / total as f64 * 10_000.0,
         peak_rss_mib: mib(peak),
+        broker_us: broker_secs.map(per_message_us),
+        target_us: Some(per_message_us(target_secs)),
     })
 }

@@ -157,7 +157,8 @@ impl Target {
         lock(&self.state.received).clone()
     }
 
-    /// Requests answered so far (since the last [`Target::reset`]).
+    /// Requests answered so far (since the last [`Target::reset`]), a batched POST counting
+    /// as the messages its `hot-potato-batch-size` header says it carries.
     pub fn count(&self) -> usize {
         self.state.count.load(Ordering::SeqCst)
     }
@@ -245,6 +246,12 @@ async fn answer(State(state): State<Arc<Shared>>, headers: HeaderMap, body: Byte
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     state.current.fetch_sub(1, Ordering::SeqCst);
+    // A batched POST (`delivery.batch`) counts as the messages it carries.
+    let messages = headers
+        .get("hot-potato-batch-size")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1);
     let rule = *lock(&state.status_by_body);
     let status = match rule {
         Some(rule) => rule(&String::from_utf8_lossy(&body)),
@@ -258,8 +265,9 @@ async fn answer(State(state): State<Arc<Shared>>, headers: HeaderMap, body: Byte
             status,
         });
     }
-    let n = state.count.fetch_add(1, Ordering::SeqCst) + 1;
-    if n == state.goal.load(Ordering::SeqCst) {
+    let before = state.count.fetch_add(messages, Ordering::SeqCst);
+    let goal = state.goal.load(Ordering::SeqCst);
+    if before < goal && before + messages >= goal {
         *lock(&state.reached) = Some(Instant::now());
     }
     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
