@@ -176,6 +176,7 @@ pub async fn run(
             let settings = ClusterSettings {
                 lease_ttl: replicas.lease_ttl,
                 snapshot_interval: replicas.snapshot_interval,
+                close_attempt: config.amqp_connect_timeout + amqp::link::END_BOUND,
             };
             let cluster = Cluster::start(
                 pg,

@@ -1,7 +1,8 @@
 //! The PostgreSQL store on a real server (a database of its own, see `common::postgres`):
 //! replicas starting together apply the migrations once, rows round-trip as SQLite's do, the
-//! unique pair is the store's to decide, a row with unreadable settings loads marked, and the
-//! sealing wrapper keeps secrets out of the table.
+//! unique pair is the store's to decide, a row with unreadable settings loads marked, the
+//! sealing wrapper keeps secrets out of the table, and a deleted durable enrollment leaves a
+//! pending close that one replica at a time claims, until it is closed.
 
 mod common;
 
@@ -10,6 +11,7 @@ use hot_potato::enrollment::record::{Enrollment, SubscriptionArgs};
 use hot_potato::enrollment::settings::{Auth, DeliverySettings};
 use hot_potato::seal::{Keyring, SecretKey};
 use hot_potato::store::{EnrollmentStore, PostgresStore, SealedStore};
+use std::time::Duration;
 use uuid::Uuid;
 
 fn sample(queue: &str) -> Enrollment {
@@ -115,6 +117,89 @@ async fn secrets_are_sealed_in_the_table() {
     assert!(!format!("{:?}", raw.enrollment).contains("tok-5ea1ed"));
     let opened = store.load_one(e.id).await.expect("one").expect("stored");
     assert_eq!(opened.enrollment, e);
+}
+
+#[tokio::test]
+async fn a_deleted_durable_enrollment_leaves_a_pending_close_until_it_is_closed() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let a = PostgresStore::connect(&db.url).await.expect("connect");
+    let b = PostgresStore::connect(&db.url).await.expect("connect");
+    let durable = sample("durable");
+    let mut plain = sample("plain");
+    plain.subscription_args.durable = None;
+    for e in [&durable, &plain] {
+        a.insert(e.clone()).await.expect("insert");
+        assert!(a.delete(e.id).await.expect("delete"));
+    }
+    // Only the durable one leaves something on the broker.
+    let pending = b.pending_closes().await.expect("pending");
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!((pending[0].id, pending[0].attempts), (durable.id, 0));
+    assert!(pending[0].requested_at.ends_with('Z'), "{pending:?}");
+
+    let (lease, claim) = (Duration::from_secs(60), Duration::from_secs(60));
+    // Within the owner's lease nobody claims it.
+    assert!(
+        b.claim_closes(lease, claim, 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    // Due: one replica gets it, with what closing needs; the other then finds it claimed.
+    let claimed = b
+        .claim_closes(Duration::ZERO, claim, 10)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].id, durable.id);
+    assert_eq!(claimed[0].queue, durable.queue);
+    assert_eq!(claimed[0].subscription_args, durable.subscription_args);
+    assert!(
+        a.claim_closes(Duration::ZERO, claim, 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+
+    // A failed attempt is kept, with its reason, and waits before the next.
+    a.close_failed(durable.id, "the broker refused the link".into())
+        .await
+        .expect("record");
+    let pending = b.pending_closes().await.expect("pending");
+    assert_eq!(pending[0].attempts, 1);
+    assert_eq!(
+        pending[0].last_error.as_deref(),
+        Some("the broker refused the link")
+    );
+    assert!(
+        a.claim_closes(Duration::ZERO, claim, 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    // An expired claim (a replica died mid-attempt) is anybody's again.
+    db.execute("UPDATE pending_closes SET claimed_until = now() - interval '1 second'")
+        .await
+        .expect("expire");
+    let claimed = a
+        .claim_closes(Duration::ZERO, claim, 10)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+
+    a.subscription_closed(durable.id).await.expect("closed");
+    assert!(b.pending_closes().await.expect("pending").is_empty());
+    db.execute("UPDATE pending_closes SET claimed_until = NULL")
+        .await
+        .expect("update");
+    assert!(
+        b.claim_closes(Duration::ZERO, claim, 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
 }
 
 /// Runs the connects at once (replicas starting together) and unwraps each.

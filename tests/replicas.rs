@@ -10,46 +10,15 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::postgres::TestDatabase;
+use common::replica::replica;
 use common::*;
 use serde_json::{Value, json};
 
 /// The lease in most tests: short, so failover is quick, long beside a debug build's ticks.
 const TTL_MS: u64 = 3_000;
-
-struct Replica {
-    process: DaemonProcess,
-    api: Api,
-    id: String,
-}
-
-/// Starts a replica process on `db` (its log in `dir/NAME.log`) and waits for its id.
-async fn replica(db: &str, dir: &Path, name: &str, ttl_ms: u64, extra: &[(&str, &str)]) -> Replica {
-    let port = free_port();
-    let ttl = ttl_ms.to_string();
-    let mut env = vec![
-        ("DATABASE_URL", db),
-        ("LEASE_TTL_MS", ttl.as_str()),
-        ("SNAPSHOT_INTERVAL_MS", "300"),
-        ("REPLICA_NAME", name),
-        ("LOG_LEVEL", "hot_potato=info"),
-        ("AMQP_CONNECTION_POOL", "4"),
-    ];
-    env.extend_from_slice(extra);
-    let log = dir.join(format!("{name}.log"));
-    let process = spawn_daemon(&dir.join("unused.sqlite"), port, Some(&log), &env);
-    let api = Api::new(&format!("http://127.0.0.1:{port}"));
-    api.wait_healthy().await;
-    let (_, replicas) = api.get("/replicas").await;
-    let id = replicas["this_replica"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no replica id: {replicas}"))
-        .to_string();
-    Replica { process, api, id }
-}
 
 /// Enrollments held per live replica, as `GET /replicas` on `api` says.
 async fn spread(api: &Api) -> BTreeMap<String, i64> {

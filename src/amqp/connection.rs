@@ -73,7 +73,7 @@ pub struct SessionLease {
 
 /// How long a session may take to end, or a connection to close, before it is left behind:
 /// a broker that stops answering must not hold a worker, a DELETE or the shutdown.
-const END_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const END_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl SessionLease {
     fn pooled(session: SessionHandle<()>) -> Self {

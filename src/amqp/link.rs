@@ -35,6 +35,11 @@ use crate::enrollment::record::Enrollment;
 /// closed) after it, which settles the link on the broker's side anyway.
 const LINK_END_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The longest ending a link may take, its session's (or connection's) end included.
+pub const END_BOUND: Duration = Duration::from_secs(
+    LINK_END_TIMEOUT.as_secs() + crate::amqp::connection::END_TIMEOUT.as_secs(),
+);
+
 /// An attached receiver with the session (and, unless pooled, the connection) it owns.
 pub struct AmqpLink {
     lease: SessionLease,

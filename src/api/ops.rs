@@ -132,7 +132,9 @@ pub async fn ready(State(state): State<AppState>, headers: HeaderMap) -> Respons
 pub struct Stats {
     enrollments: Vec<EnrollmentStats>,
     totals: Totals,
-    /// Deleted enrollments whose durable subscription could not be closed yet (retried).
+    /// Deleted enrollments whose durable subscription could not be closed yet (retried). As one
+    /// replica of many: every replica's, from the store, including deletes whose owner has not
+    /// closed the link yet.
     pending_closes: Vec<PendingClose>,
 }
 
@@ -160,10 +162,18 @@ pub async fn stats(State(state): State<AppState>) -> Json<Stats> {
         delivered: enrollments.iter().map(|e| e.delivered).sum(),
         failed: enrollments.iter().map(|e| e.failed).sum(),
     };
+    // As one replica of many, the store keeps every replica's pending closes.
+    let pending_closes = match &state.cluster {
+        None => state.supervisor.pending_closes(),
+        Some(cluster) => cluster.pending_closes().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the pending closes");
+            Vec::new()
+        }),
+    };
     Json(Stats {
         enrollments,
         totals,
-        pending_closes: state.supervisor.pending_closes(),
+        pending_closes,
     })
 }
 

@@ -6,11 +6,14 @@
 //! - [`assign`]: which live replica should run which enrollment (rendezvous, bounded loads).
 //! - [`listen`]: LISTEN/NOTIFY: a change made on any replica reaches the owner at once.
 //! - [`snapshot`]: owners publish their enrollments' live state; every replica shows it.
+//! - [`closes`]: durable subscriptions of enrollments deleted while no replica ran them are
+//!   closed by any replica, a lease later.
 //!
 //! Tasks run under the cluster's own token: they keep renewing leases while the workers drain
 //! at shutdown, and [`Cluster::leave`] ends them, then hands every lease back at once.
 
 pub mod assign;
+pub mod closes;
 pub mod lease;
 pub mod listen;
 pub mod snapshot;
@@ -24,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::fleet::closer::PendingClose;
 use crate::fleet::registry::Registry;
 use crate::store::postgres_cluster::{Owned, ReplicaRow};
 use crate::store::{PostgresStore, StoreError};
@@ -37,6 +41,9 @@ pub struct ClusterSettings {
     pub lease_ttl: Duration,
     /// `SNAPSHOT_INTERVAL_MS`.
     pub snapshot_interval: Duration,
+    /// The longest one attempt to close a subscription may take: `AMQP_CONNECT_TIMEOUT_MS`
+    /// plus the bounds on ending the link and its session.
+    pub close_attempt: Duration,
 }
 
 impl ClusterSettings {
@@ -52,6 +59,11 @@ impl ClusterSettings {
     /// Bound on one round trip of the lease loop, so a hung database cannot delay fencing.
     pub fn call_timeout(&self) -> Duration {
         self.lease_ttl / 4
+    }
+    /// How long a replica's claim on a pending close keeps the others off it: the longest
+    /// attempt plus a lease of margin for recording its outcome.
+    pub fn close_claim(&self) -> Duration {
+        self.close_attempt + self.lease_ttl
     }
 }
 
@@ -110,7 +122,8 @@ impl Cluster {
         let tracker = &cluster.inner.tracker;
         tracker.spawn(lease::run(cluster.clone()).instrument(span.clone()));
         tracker.spawn(listen::run(cluster.clone()).instrument(span.clone()));
-        tracker.spawn(snapshot::run(cluster.clone()).instrument(span));
+        tracker.spawn(snapshot::run(cluster.clone()).instrument(span.clone()));
+        tracker.spawn(closes::run(cluster.clone()).instrument(span));
         tracing::info!(replica = %cluster.inner.id, lease_ttl_ms = settings.lease_ttl.as_millis() as u64, "joined the replicas");
         Ok(cluster)
     }
@@ -146,6 +159,11 @@ impl Cluster {
             .store
             .replica_rows(self.inner.settings.lease_ttl)
             .await
+    }
+
+    /// The durable subscriptions deleted enrollments left to close, on every replica's behalf.
+    pub async fn pending_closes(&self) -> Result<Vec<PendingClose>, StoreError> {
+        closes::pending(self).await
     }
 
     fn wake(&self) {

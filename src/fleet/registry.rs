@@ -72,13 +72,15 @@ impl<O: LinkOpener> Registry<O> {
     }
 
     /// Loads every stored enrollment as one replica of many: none is started here; the
-    /// enrollments whose leases this replica takes are started by [`Registry::adopt`].
+    /// enrollments whose leases this replica takes are started by [`Registry::adopt`]. The
+    /// store keeps the subscriptions deleted enrollments leave to close, for any replica.
     pub async fn load_shared(
         store: Arc<dyn EnrollmentStore>,
         supervisor: Supervisor<O>,
         defaults: DeliveryDefaults,
         target_policy: TargetPolicy,
     ) -> Result<Self, StoreError> {
+        supervisor.share_closes_through(Arc::clone(&store));
         Self::load_with(store, supervisor, defaults, target_policy, true).await
     }
 
@@ -314,7 +316,9 @@ impl<O: LinkOpener> Registry<O> {
             && let Some(entry) = removed
         {
             // Paused or refused: no worker to close the subscription, so one is closed here.
-            self.inner.supervisor.close_subscription(entry);
+            self.inner
+                .supervisor
+                .close_subscription(entry.enrollment.clone());
         }
         tracing::info!(enrollment_id = %id, "deleted enrollment");
         Ok(Some(exit))

@@ -10,6 +10,7 @@ use std::sync::{Arc, MutexGuard};
 use uuid::Uuid;
 
 use crate::enrollment::live::LiveEnrollment;
+use crate::enrollment::record::Enrollment;
 use crate::fleet::registry::Registry;
 use crate::fleet::supervisor::WorkerExit;
 use crate::pipeline::link::LinkOpener;
@@ -183,8 +184,22 @@ impl<O: LinkOpener> Registry<O> {
         tracing::info!(enrollment_id = %id, "deleted on another replica; closing its link here");
         let exit = self.inner.supervisor.remove(id);
         if !exit.had_worker() {
-            self.inner.supervisor.close_subscription(entry);
+            self.inner
+                .supervisor
+                .close_subscription(entry.enrollment.clone());
         }
+    }
+
+    /// Closes the durable subscription of an enrollment deleted while no replica closed it,
+    /// claimed from the store: never one still run here (its worker closes or detaches it; the
+    /// claim runs out and it is tried again).
+    pub fn close_deleted(&self, enrollment: Enrollment) -> bool {
+        if self.runs_here(enrollment.id) {
+            return false;
+        }
+        tracing::info!(enrollment_id = %enrollment.id, queue = %enrollment.queue, "closing the durable subscription of an enrollment deleted while no replica closed it");
+        self.inner.supervisor.close_subscription(enrollment);
+        true
     }
 
     fn unreadable_mut<T>(

@@ -16,11 +16,13 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::enrollment::live::LiveEnrollment;
+use crate::enrollment::record::Enrollment;
 use crate::fleet::closer::Closer;
 use crate::pipeline::catch::panic_message;
 use crate::pipeline::link::{AmqpOpener, LinkOpener};
 use crate::pipeline::worker::{self, WorkerContext, WorkerEnd};
 use crate::shutdown::StopSignals;
+use crate::store::EnrollmentStore;
 use crate::telemetry::events::{StatusEvent, WorkerCrashed, WorkerStopped};
 
 /// `O` opens the workers' links: the broker in the daemon, a fake in unit tests.
@@ -234,20 +236,28 @@ impl<O: LinkOpener> Supervisor<O> {
     }
 
     /// Closes the durable subscription of a deleted enrollment that has no worker (paused, or
-    /// refused by the allowlist): attach, then close; retried until it succeeds or the daemon
-    /// stops, and listed meanwhile in [`Supervisor::pending_closes`].
-    pub fn close_subscription(&self, entry: Arc<LiveEnrollment>) {
-        if entry.enrollment.subscription_args.durable != Some(true) || self.is_shutting_down() {
+    /// refused by the allowlist, or, as one replica of many, deleted while no replica ran it):
+    /// attach, then close. Alone, retried until it succeeds or the daemon stops, and listed
+    /// meanwhile in [`Supervisor::pending_closes`]; as one replica of many, the outcome is
+    /// recorded in the store, which keeps it for a retry (see [`Closer`]).
+    pub fn close_subscription(&self, enrollment: Enrollment) {
+        if enrollment.subscription_args.durable != Some(true) || self.is_shutting_down() {
             return;
         }
-        let span = tracing::info_span!("closer", enrollment_id = %entry.enrollment.id);
+        let span = tracing::info_span!("closer", enrollment_id = %enrollment.id);
         let task = self.inner.closer.run(
             self.inner.ctx.clone(),
-            entry,
+            enrollment,
             self.inner.shutdown.child_token(),
             None,
         );
         self.inner.tracker.spawn(task.instrument(span));
+    }
+
+    /// As one replica of many: closes are recorded in `store`, which keeps the pending ones
+    /// for any replica to retry.
+    pub fn share_closes_through(&self, store: Arc<dyn EnrollmentStore>) {
+        self.inner.closer.share_through(store);
     }
 
     /// Deleted enrollments whose durable subscription could not be closed yet.
@@ -323,14 +333,20 @@ async fn supervise<O: LinkOpener>(
             Ok(WorkerEnd::CloseFailed(reason)) => {
                 let closing = supervisor.inner.closer.run(
                     ctx,
-                    entry,
+                    entry.enrollment.clone(),
                     supervisor.inner.shutdown.child_token(),
                     Some(reason),
                 );
                 closing.await;
                 return;
             }
-            Ok(_) => return,
+            Ok(WorkerEnd::Closed) => {
+                // Recorded in a task of its own: the worker's exit need not wait on the store.
+                let recording = supervisor.inner.closer.closed(&entry.enrollment);
+                supervisor.inner.tracker.spawn(recording.in_current_span());
+                return;
+            }
+            Ok(WorkerEnd::Stopped) => return,
             Err(e) if e.is_panic() => {
                 let reason = panic_message(e.into_panic());
                 WorkerCrashed {
@@ -345,7 +361,7 @@ async fn supervise<O: LinkOpener>(
             _ = signals.stop.cancelled() => {
                 WorkerStopped { paused: entry.status.paused() }.emit(&entry.status);
                 if signals.remove.is_cancelled() {
-                    supervisor.close_subscription(entry);
+                    supervisor.close_subscription(entry.enrollment.clone());
                 }
                 return;
             }

@@ -1,8 +1,10 @@
 //! Where enrollments are kept: the [`EnrollmentStore`] trait the fleet writes through, and its
 //! implementations. SQLite ([`sqlite`]) is the embedded default; [`sealed`] wraps any of them
-//! to keep secrets sealed at rest.
+//! to keep secrets sealed at rest. PostgreSQL ([`postgres`]) is shared by replicas, with what
+//! only they need in [`postgres_cluster`] and [`postgres_closes`].
 
 pub mod postgres;
+pub mod postgres_closes;
 pub mod postgres_cluster;
 pub mod sealed;
 pub mod sqlite;
@@ -79,8 +81,20 @@ pub trait EnrollmentStore: Send + Sync + 'static {
     fn replace(&self, enrollment: Enrollment) -> StoreFuture<'_, ()>;
     /// Records whether an enrollment is paused.
     fn set_paused(&self, id: Uuid, paused: bool) -> StoreFuture<'_, ()>;
-    /// Deletes an enrollment; `false` when it was not stored.
+    /// Deletes an enrollment; `false` when it was not stored. A store shared by replicas also
+    /// records, in the same transaction, that a durable subscription is left to close.
     fn delete(&self, id: Uuid) -> StoreFuture<'_, bool>;
+    /// The durable subscription of deleted enrollment `id` was closed: nobody need close it
+    /// again. Nothing to do for a store that records no pending closes.
+    fn subscription_closed(&self, _id: Uuid) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Closing the durable subscription of deleted enrollment `id` failed with `error`: it is
+    /// tried again later, by any replica. Nothing to do for a store that records no pending
+    /// closes.
+    fn close_failed(&self, _id: Uuid, _error: String) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// Proves the store still takes writes (readiness).
     fn check_writable(&self) -> StoreFuture<'_, ()>;
 }

@@ -1,7 +1,9 @@
 //! The PostgreSQL enrollment store (`DATABASE_URL`), shared by every replica: the same rows as
 //! SQLite, migrations applied at start in one transaction under an advisory lock (replicas
 //! starting together apply them once), and a small connection pool. What only replicas need
-//! (heartbeats, leases, snapshots, notifications) is in [`crate::store::postgres_cluster`].
+//! (heartbeats, leases, snapshots, notifications) is in [`crate::store::postgres_cluster`], and
+//! the durable subscriptions deleted enrollments leave to close in
+//! [`crate::store::postgres_closes`].
 
 use std::str::FromStr;
 
@@ -11,12 +13,14 @@ use uuid::Uuid;
 
 use crate::enrollment::record::{Enrollment, SubscriptionArgs};
 use crate::enrollment::settings::DeliverySettings;
+use crate::store::postgres_closes;
 use crate::store::{EnrollmentStore, StoreError, StoreFuture, StoredEnrollment};
 
 /// Migrations in the order they are applied; the index + 1 is the recorded version.
-const MIGRATIONS: &[&str] = &[include_str!(
-    "../../migrations/postgres/0001_create_replicated_store.sql"
-)];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_create_replicated_store.sql"),
+    include_str!("../../migrations/postgres/0002_create_pending_closes.sql"),
+];
 
 /// The advisory lock key migrations are applied under (any constant shared by all replicas).
 const MIGRATION_LOCK: i64 = 0x686f_7470_6f74;
@@ -197,11 +201,23 @@ impl PostgresStore {
     }
 
     async fn delete_row(&self, id: Uuid) -> Result<bool, StoreError> {
-        let client = self.client().await?;
-        let n = client
-            .execute("DELETE FROM enrollments WHERE id = $1", &[&id.to_string()])
+        let id = id.to_string();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let deleted = tx
+            .query_opt(
+                "DELETE FROM enrollments WHERE id = $1 RETURNING queue, subscription_args",
+                &[&id],
+            )
             .await?;
-        Ok(n > 0)
+        let Some(row) = deleted else {
+            return Ok(false);
+        };
+        // In the same transaction: no replica may see the enrollment gone and the close not
+        // yet recorded, whatever dies in between.
+        postgres_closes::record_if_durable(&tx, &id, row.get(0), row.get(1)).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn probe_writable(&self) -> Result<(), StoreError> {
@@ -238,6 +254,12 @@ impl EnrollmentStore for PostgresStore {
     }
     fn delete(&self, id: Uuid) -> StoreFuture<'_, bool> {
         Box::pin(self.delete_row(id))
+    }
+    fn subscription_closed(&self, id: Uuid) -> StoreFuture<'_, ()> {
+        Box::pin(self.close_done(id))
+    }
+    fn close_failed(&self, id: Uuid, error: String) -> StoreFuture<'_, ()> {
+        Box::pin(async move { self.record_close_failure(id, &error).await })
     }
     fn check_writable(&self) -> StoreFuture<'_, ()> {
         Box::pin(self.probe_writable())

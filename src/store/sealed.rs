@@ -137,6 +137,12 @@ impl<S: EnrollmentStore> EnrollmentStore for SealedStore<S> {
     fn delete(&self, id: Uuid) -> StoreFuture<'_, bool> {
         self.inner.delete(id)
     }
+    fn subscription_closed(&self, id: Uuid) -> StoreFuture<'_, ()> {
+        self.inner.subscription_closed(id)
+    }
+    fn close_failed(&self, id: Uuid, error: String) -> StoreFuture<'_, ()> {
+        self.inner.close_failed(id, error)
+    }
     fn check_writable(&self) -> StoreFuture<'_, ()> {
         self.inner.check_writable()
     }

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod postgres;
+pub mod replica;
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
