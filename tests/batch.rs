@@ -121,17 +121,13 @@ async fn every_message_arrives_once_in_order_in_bounded_batches() {
     let (_, list) = daemon.api.get("/enrollments").await;
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
 
-    let id = enroll_with(
+    let id = enroll_active_with(
         &daemon.api,
         &queue,
         &url,
         json!({"max_in_flight": 1, "batch": {"max_messages": 50, "max_wait_ms": 50}}),
     )
     .await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("m", 0..500).await;
     wait_for(
@@ -205,7 +201,7 @@ async fn statuses_settle_each_message_as_named() {
     let (target, url) = BatchTarget::start(by_status).await;
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = enroll_with(
+    let id = enroll_active_with(
         &daemon.api,
         &queue,
         &url,
@@ -213,10 +209,6 @@ async fn statuses_settle_each_message_as_named() {
                "batch": {"max_messages": 4, "max_wait_ms": 2000}}),
     )
     .await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
     let mut publisher = Publisher::connect(&queue).await;
     for (message_id, body) in [
         ("acc", r#"{"n": 1}"#),

@@ -130,6 +130,21 @@ async fn pending_closes(api: &Api) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// No pending close is left, and two more leases later (time for any replica's sweep to
+/// take it again, wrongly) the subscription was still closed once, after `attaches` attaches.
+async fn closed_once_and_forgotten(o: &Owned, attaches: usize, which: &str) {
+    wait_for("no pending close left", Duration::from_secs(5), || async {
+        pending_closes(&o.survivor.api)
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(2 * TTL).await;
+    assert_eq!(closes_of(&o.peer, &o.name).len(), 1, "closed once");
+    assert_eq!(attaches_named(&o.peer, &o.name), attaches, "{which}");
+}
+
 fn assert_no_password_in_logs(dir: &Path) {
     for name in ["a.log", "b.log"] {
         let log = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
@@ -173,22 +188,12 @@ async fn a_delete_while_the_owner_is_dead_is_closed_once_by_the_survivor_a_lease
         "closed {after:?} after the DELETE, within the owner's lease"
     );
     assert_ne!(connection, owners_connection, "closed by the survivor");
-    wait_for("no pending close left", Duration::from_secs(5), || async {
-        pending_closes(&o.survivor.api)
-            .await
-            .is_empty()
-            .then_some(())
-    })
-    .await;
-    // A negative: no second close. Two more leases give any replica's sweep the time to
-    // (wrongly) take it again.
-    tokio::time::sleep(2 * TTL).await;
-    assert_eq!(closes_of(&o.peer, &o.name).len(), 1, "closed once");
-    assert_eq!(
-        attaches_named(&o.peer, &o.name),
+    closed_once_and_forgotten(
+        &o,
         2,
-        "the owner's link and the survivor's attach to close it"
-    );
+        "the owner's link and the survivor's attach to close it",
+    )
+    .await;
     let _ = o.owner.process.wait_exit(Duration::from_secs(5)).await;
     drop(o.survivor);
     assert_no_password_in_logs(o.dir.path());
@@ -207,18 +212,7 @@ async fn a_delete_while_the_owner_lives_is_closed_once_by_the_owner() {
     })
     .await;
     assert_eq!(connection, owners_connection, "closed on the owner's link");
-    wait_for("no pending close left", Duration::from_secs(5), || async {
-        pending_closes(&o.survivor.api)
-            .await
-            .is_empty()
-            .then_some(())
-    })
-    .await;
-    // A negative: the owner removed the record, so no replica's sweep closes it again. Two
-    // more leases give them the time to (wrongly) do so.
-    tokio::time::sleep(2 * TTL).await;
-    assert_eq!(closes_of(&o.peer, &o.name).len(), 1, "closed once");
-    assert_eq!(attaches_named(&o.peer, &o.name), 1, "the owner's link only");
+    closed_once_and_forgotten(&o, 1, "the owner's link only").await;
     drop((o.owner, o.survivor));
     assert_no_password_in_logs(o.dir.path());
 }

@@ -453,6 +453,13 @@ pub async fn enroll_with(api: &Api, queue: &str, target: &str, delivery: Value) 
     e["id"].as_str().expect("id").to_string()
 }
 
+/// [`enroll_with`], then waits until the enrollment's link is attached; the id.
+pub async fn enroll_active_with(api: &Api, queue: &str, target: &str, delivery: Value) -> String {
+    let id = enroll_with(api, queue, target, delivery).await;
+    api.wait_state(&id, "active", Duration::from_secs(20)).await;
+    id
+}
+
 /// How many different bodies the target answered 2xx (duplicates counted once).
 pub fn distinct_accepted(target: &Target) -> usize {
     let mut bodies = target.accepted_bodies();
