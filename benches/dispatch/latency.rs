@@ -1,10 +1,16 @@
 //! Latency: publish → POST at the target for one enrollment at `max_in_flight` 1, messages
-//! published at a steady rate, each carrying its publish time.
+//! published at a steady rate, each carrying its publish time; and, in the same run, the
+//! broker alone: publish → `recv` at a bare fe2o3-amqp receiver on another queue, the floor
+//! hot-potato's figures are read against.
 
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
-use fe2o3_amqp::types::messaging::Message;
+use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::types::messaging::{Body, Message};
+use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::{Connection, Receiver, Session};
+use hot_potato_testkit::address;
 use hot_potato_testkit::management::Management;
 use hot_potato_testkit::publisher::{Confirm, Publisher, confirmed};
 use hot_potato_testkit::target::{Target, now_nanos};
@@ -44,8 +50,42 @@ async fn latency(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
         .enroll_id(&s.enrollment(&queue, &target.url(), 1))
         .await?;
     daemon.wait_active(&id).await?;
-    let mut publisher = Publisher::connect(&s.amqp_url, std::slice::from_ref(&queue)).await?;
+    let ticks0 = daemon.cpu_ticks()?;
+    let started = tokio::time::Instant::now();
+    let publish_secs = publish_steady(s, &queue, total).await?;
+    wait_goal(&mut daemon, &target, total, Duration::from_secs(120)).await?;
+    let cpu = s.cpu_secs(daemon.cpu_ticks()? - ticks0);
+    let cpu_pct = cpu / started.elapsed().as_secs_f64() * 100.0;
+    report.note_log(&daemon);
+    daemon.stop().await?;
+    mgmt.delete_queues(vec![queue]).await?;
 
+    let mut lat = target.latencies();
+    ensure!(
+        lat.len() as u64 >= total,
+        "only {} of {total} POSTs carried a publish time",
+        lat.len()
+    );
+    lat.sort_unstable();
+    let mut floor = broker_only(s, mgmt, total).await?;
+    floor.sort_unstable();
+    let (p99, floor_p99) = (percentile(&lat, 99.0), percentile(&floor, 99.0));
+    Ok(format!(
+        "Latency (publish → POST at the target, 1 enrollment, max_in_flight 1, {} msg/s for {} s, {total} msgs, published in {publish_secs:.1} s): p50 {:.2} ms, p99 {p99:.2} ms, max {:.2} ms; daemon CPU {cpu_pct:.1} % of one core. Broker alone (publish → recv at a bare receiver, same rate, next): p50 {:.2} ms, p99 {floor_p99:.2} ms, max {:.2} ms; hot-potato's p99 is the broker's + {:.2} ms",
+        s.latency_rate,
+        s.latency_secs,
+        percentile(&lat, 50.0),
+        percentile(&lat, 100.0),
+        percentile(&floor, 50.0),
+        percentile(&floor, 100.0),
+        p99 - floor_p99,
+    ))
+}
+
+/// Publishes `total` messages to `queue` at `BENCH_LATENCY_RATE`, each carrying its publish
+/// time; returns how long publishing took, in seconds, once the broker confirmed them all.
+async fn publish_steady(s: &Settings, queue: &str, total: u64) -> Result<f64> {
+    let mut publisher = Publisher::connect(&s.amqp_url, &[queue]).await?;
     // Outcomes are awaited aside, so the publish rate does not wait on the broker.
     let (tx, mut rx) = mpsc::unbounded_channel::<Confirm>();
     let confirms = tokio::spawn(async move {
@@ -54,7 +94,6 @@ async fn latency(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
         }
         anyhow::Ok(())
     });
-    let ticks0 = daemon.cpu_ticks()?;
     let interval = Duration::from_secs_f64(1.0 / s.latency_rate as f64);
     let started = tokio::time::Instant::now();
     for i in 0..total {
@@ -69,27 +108,52 @@ async fn latency(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
     tokio::time::timeout(Duration::from_secs(60), confirms)
         .await
         .map_err(|_| anyhow!("the broker did not confirm the latency messages within 60 s"))???;
-    wait_goal(&mut daemon, &target, total, Duration::from_secs(120)).await?;
-    let cpu = s.cpu_secs(daemon.cpu_ticks()? - ticks0);
-    let cpu_pct = cpu / started.elapsed().as_secs_f64() * 100.0;
     publisher.close().await;
-    report.note_log(&daemon);
-    daemon.stop().await?;
-    mgmt.delete_queues(vec![queue]).await?;
+    Ok(publish_secs)
+}
 
-    let mut lat = target.latencies();
+/// The broker's own publish → deliver latency: a bare receiver (credit 1000, accept each)
+/// on a fresh quorum queue while the same steady publish runs; nanoseconds per message.
+async fn broker_only(s: &Settings, mgmt: &Management, total: u64) -> Result<Vec<u64>> {
+    let queue = s.queue("latency-floor");
+    mgmt.declare_quorum(&queue).await?;
+    let container_id = format!("bench-latency-floor-{}", s.run_id);
+    let mut connection = Connection::open(container_id, s.amqp_url.as_str()).await?;
+    let mut session = Session::begin(&mut connection).await?;
+    let mut receiver = Receiver::builder()
+        .name("bench-latency-floor")
+        .source(address(&queue))
+        .credit_mode(CreditMode::Auto(1000))
+        .auto_accept(false)
+        .attach(&mut session)
+        .await?;
+    let receiving = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(total as usize);
+        for _ in 0..total {
+            let delivery = receiver.recv::<Body<Value>>().await?;
+            let now = now_nanos();
+            if let Body::Value(v) = delivery.body()
+                && let Value::String(sent) = &v.0
+                && let Ok(sent) = sent.parse::<u128>()
+            {
+                lat.push(u64::try_from(now.saturating_sub(sent)).unwrap_or(u64::MAX));
+            }
+            receiver.accept(&delivery).await?;
+        }
+        let _ = receiver.close().await;
+        anyhow::Ok(lat)
+    });
+    publish_steady(s, &queue, total).await?;
+    let lat = tokio::time::timeout(Duration::from_secs(60), receiving)
+        .await
+        .map_err(|_| anyhow!("the bare receiver did not get every latency message in 60 s"))???;
+    let _ = session.end().await;
+    let _ = connection.close().await;
+    mgmt.delete_queues(vec![queue]).await?;
     ensure!(
         lat.len() as u64 >= total,
-        "only {} of {total} POSTs carried a publish time",
+        "only {} of {total} messages carried a publish time",
         lat.len()
     );
-    lat.sort_unstable();
-    Ok(format!(
-        "Latency (publish → POST at the target, 1 enrollment, max_in_flight 1, {} msg/s for {} s, {total} msgs, published in {publish_secs:.1} s): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; daemon CPU {cpu_pct:.1} % of one core",
-        s.latency_rate,
-        s.latency_secs,
-        percentile(&lat, 50.0),
-        percentile(&lat, 99.0),
-        percentile(&lat, 100.0),
-    ))
+    Ok(lat)
 }
