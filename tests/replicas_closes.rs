@@ -130,9 +130,7 @@ async fn pending_closes(api: &Api) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-/// No pending close is left, and two more leases later (time for any replica's sweep to
-/// take it again, wrongly) the subscription was still closed once, after `attaches` attaches.
-async fn closed_once_and_forgotten(o: &Owned, attaches: usize, which: &str) {
+async fn no_pending_close_left(o: &Owned) {
     wait_for("no pending close left", Duration::from_secs(5), || async {
         pending_closes(&o.survivor.api)
             .await
@@ -140,6 +138,12 @@ async fn closed_once_and_forgotten(o: &Owned, attaches: usize, which: &str) {
             .then_some(())
     })
     .await;
+}
+
+/// No pending close is left, and two more leases later (time for any replica's sweep to
+/// take it again, wrongly) the subscription was still closed once, after `attaches` attaches.
+async fn closed_once_and_forgotten(o: &Owned, attaches: usize, which: &str) {
+    no_pending_close_left(o).await;
     tokio::time::sleep(2 * TTL).await;
     assert_eq!(closes_of(&o.peer, &o.name).len(), 1, "closed once");
     assert_eq!(attaches_named(&o.peer, &o.name), attaches, "{which}");
@@ -258,13 +262,7 @@ async fn a_close_the_broker_refuses_is_kept_and_tried_again_until_it_goes_throug
         },
     )
     .await;
-    wait_for("no pending close left", Duration::from_secs(5), || async {
-        pending_closes(&o.survivor.api)
-            .await
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    no_pending_close_left(&o).await;
     let after: Vec<_> = closes_of(&o.peer, &o.name)
         .into_iter()
         .filter(|(at, _)| *at > disarmed)

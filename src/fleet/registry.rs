@@ -54,7 +54,7 @@ pub(super) struct Inner<O> {
     /// same pair or id cannot interleave.
     pub(super) writes: tokio::sync::Mutex<()>,
     /// `None` alone: every enrollment runs here. `Some` as one replica of many: only the
-    /// enrollments in the set, whose leases this replica holds (see [`crate::fleet::shared`]).
+    /// enrollments in the set, whose leases this replica holds (see `fleet::shared`).
     /// Std mutex: held for set operations only.
     pub(super) owned: Option<Mutex<HashSet<Uuid>>>,
 }
