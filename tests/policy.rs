@@ -20,11 +20,7 @@ async fn a_ten_second_outage_with_default_settings_dead_letters_nothing() {
     let mut target = Target::start().await;
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = enroll_with(&daemon.api, &queue, &target.url(), json!({})).await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
+    let id = enroll_active_with(&daemon.api, &queue, &target.url(), json!({})).await;
 
     target.stop().await;
     let mut publisher = Publisher::connect(&queue).await;
@@ -180,17 +176,13 @@ async fn concurrent_posts_each_settle_with_their_own_answer() {
     });
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = enroll_with(
+    let id = enroll_active_with(
         &daemon.api,
         &queue,
         &target.url(),
         json!({"max_in_flight": 16, "drop_on": [404], "reject_on": [422]}),
     )
     .await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
     let n = 600;
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("mixed", 0..n).await;
@@ -227,7 +219,7 @@ async fn an_open_breaker_slows_posts_to_the_probe_rate_and_keeps_messages_in_the
     let mut target = Target::start().await;
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = enroll_with(
+    let id = enroll_active_with(
         &daemon.api,
         &queue,
         &target.url(),
@@ -237,10 +229,6 @@ async fn an_open_breaker_slows_posts_to_the_probe_rate_and_keeps_messages_in_the
         }),
     )
     .await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
     // The target answers 503 (counted attempts) rather than refusing (no request to count).
     target.set_status(503);
     let mut publisher = Publisher::connect(&queue).await;

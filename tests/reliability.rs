@@ -27,17 +27,13 @@ async fn a_poison_message_is_dead_lettered_and_the_messages_behind_it_flow() {
     let daemon = Daemon::start(&db).await;
     // Default settings (5 attempts, breaker on), with the backoff shortened to keep the test
     // short: the rule, not the timing, is under test.
-    let id = enroll_with(
+    let id = enroll_active_with(
         &daemon.api,
         &queue,
         &target.url(),
         json!({"retry": {"base_ms": 20, "max_ms": 100}}),
     )
     .await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
 
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("before", 0..3).await;
@@ -83,7 +79,7 @@ async fn an_unavailable_target_holds_messages_and_dead_letters_nothing() {
     target.set_status(503);
     let (_dir, db) = temp_db();
     let daemon = Daemon::start(&db).await;
-    let id = enroll_with(
+    let id = enroll_active_with(
         &daemon.api,
         &queue,
         &target.url(),
@@ -91,10 +87,6 @@ async fn an_unavailable_target_holds_messages_and_dead_letters_nothing() {
                "circuit_breaker": {"failure_threshold": 5, "open_ms": 300}}),
     )
     .await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("h", 0..30).await;
 
@@ -154,7 +146,7 @@ async fn a_breaker_open_across_a_reconnect_recovers_with_messages_in_hand() {
     let amqp_url = format!("amqp://guest:guest@{}", proxy.addr());
     let (_dir, db) = temp_db();
     let daemon = Daemon::start_with(&db, &[("AMQP_URL", &amqp_url)]).await;
-    let id = enroll_with(
+    let id = enroll_active_with(
         &daemon.api,
         &queue,
         &target.url(),
@@ -162,10 +154,6 @@ async fn a_breaker_open_across_a_reconnect_recovers_with_messages_in_hand() {
                "circuit_breaker": {"failure_threshold": 3, "open_ms": 500}}),
     )
     .await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
     let mut publisher = Publisher::connect(&queue).await;
     publisher.send_numbered("r", 0..3).await;
     wait_for("the breaker to open", Duration::from_secs(20), || async {

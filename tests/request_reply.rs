@@ -477,17 +477,13 @@ async fn request_setup(
 ) -> Daemon {
     let reply_address = format!("/queue/{reply_queue}");
     let daemon = Daemon::start_with(db, &[NO_LIMIT, ("REPLY_ADDRESS", &reply_address)]).await;
-    let id = enroll_with(
+    enroll_active_with(
         &daemon.api,
         requests,
         target,
         json!({"reply": true, "max_in_flight": 16}),
     )
     .await;
-    daemon
-        .api
-        .wait_state(&id, "active", Duration::from_secs(20))
-        .await;
     daemon
 }
 
