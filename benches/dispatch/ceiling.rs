@@ -60,6 +60,22 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
     Ok(())
 }
 
+/// A bare receiver on `queue`: credit topped up automatically, settled by hand.
+pub async fn attach_bare(
+    session: &mut fe2o3_amqp::session::SessionHandle<()>,
+    name: &str,
+    queue: &str,
+    credit: u32,
+) -> Result<Receiver> {
+    Ok(Receiver::builder()
+        .name(name)
+        .source(address(queue))
+        .credit_mode(CreditMode::Auto(credit))
+        .auto_accept(false)
+        .attach(session)
+        .await?)
+}
+
 /// A connection like hot-potato opens its own: TCP_NODELAY on (fe2o3 leaves Nagle on), SASL
 /// PLAIN from the URL.
 async fn open_nodelay(
@@ -113,13 +129,7 @@ async fn ceiling(
             Connection::open(container_id, s.amqp_url.as_str()).await?
         };
         let mut session = Session::begin(&mut connection).await?;
-        let mut receiver = Receiver::builder()
-            .name("bench-ceiling")
-            .source(address(&queue))
-            .credit_mode(CreditMode::Auto(s.prefetch))
-            .auto_accept(false)
-            .attach(&mut session)
-            .await?;
+        let mut receiver = attach_bare(&mut session, "bench-ceiling", &queue, s.prefetch).await?;
         for _ in 0..s.messages {
             let delivery = receiver.recv::<Body<Value>>().await?;
             receiver.accept(&delivery).await?;

@@ -6,16 +6,15 @@
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
-use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::types::messaging::{Body, Message};
 use fe2o3_amqp::types::primitives::Value;
-use fe2o3_amqp::{Connection, Receiver, Session};
-use hot_potato_testkit::address;
+use fe2o3_amqp::{Connection, Session};
 use hot_potato_testkit::management::Management;
 use hot_potato_testkit::publisher::{Confirm, Publisher, confirmed};
 use hot_potato_testkit::target::{Target, now_nanos};
 use tokio::sync::mpsc;
 
+use crate::ceiling::attach_bare;
 use crate::process::{Daemon, wait_goal};
 use crate::report::Report;
 use crate::settings::Settings;
@@ -120,13 +119,7 @@ async fn broker_only(s: &Settings, mgmt: &Management, total: u64) -> Result<Vec<
     let container_id = format!("bench-latency-floor-{}", s.run_id);
     let mut connection = Connection::open(container_id, s.amqp_url.as_str()).await?;
     let mut session = Session::begin(&mut connection).await?;
-    let mut receiver = Receiver::builder()
-        .name("bench-latency-floor")
-        .source(address(&queue))
-        .credit_mode(CreditMode::Auto(1000))
-        .auto_accept(false)
-        .attach(&mut session)
-        .await?;
+    let mut receiver = attach_bare(&mut session, "bench-latency-floor", &queue, 1000).await?;
     let receiving = tokio::spawn(async move {
         let mut lat = Vec::with_capacity(total as usize);
         for _ in 0..total {

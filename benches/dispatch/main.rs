@@ -64,7 +64,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context as _, Result, anyhow};
 use hot_potato_testkit::management::Management;
 
-use crate::procstat::machine;
+use crate::procstat::{machine, set_broker_pid};
 use crate::report::Report;
 use crate::settings::Settings;
 
@@ -118,6 +118,14 @@ async fn preflight(s: &Settings, mgmt: &Management) -> Result<()> {
         s.amqp_url.split('@').next_back().unwrap_or(&s.amqp_url),
         s.management_url
     );
+    // The node's own pid, so its CPU is read and not another node's on this machine.
+    let nodes = mgmt.get("/api/nodes").await?;
+    match nodes[0]["os_pid"].as_str() {
+        Some(pid) => set_broker_pid(pid.to_string()),
+        None => println!(
+            "warning: the management API named no broker pid; broker CPU is read from the first beam.smp"
+        ),
+    }
     let list = mgmt.get("/api/queues/%2F?columns=name").await?;
     let stale = list
         .as_array()

@@ -44,8 +44,21 @@ pub fn mib(kb: u64) -> f64 {
     kb as f64 / 1024.0
 }
 
-/// The RabbitMQ node's process, to show its CPU beside the daemon's.
+/// The benchmarked broker's OS pid, as its management API reported it (see `preflight`).
+static BROKER_PID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Remembers the broker's pid: two RabbitMQ nodes may run here (3.10 and 4.0), and only the
+/// one the bench talks to may be counted.
+pub fn set_broker_pid(pid: String) {
+    let _ = BROKER_PID.set(pid);
+}
+
+/// The RabbitMQ node's process, to show its CPU beside the daemon's: the one the management
+/// API named, else the first `beam.smp` found.
 pub fn broker_pid() -> Option<String> {
+    if let Some(pid) = BROKER_PID.get() {
+        return Some(pid.clone());
+    }
     let entries = std::fs::read_dir("/proc").ok()?;
     entries.flatten().find_map(|e| {
         let pid = e.file_name().to_string_lossy().into_owned();
