@@ -504,7 +504,7 @@ impl endpoint::Session for ListenerSession {
 
                     let input_handle = attach.handle.clone().into(); // handle is just a wrapper around u32
                     relay
-                        .send(LinkFrame::Attach(attach))
+                        .send(LinkFrame::Attach(Box::new(attach)))
                         .await
                         .map_err(|_| SessionInnerError::UnattachedHandle)?;
                     self.session

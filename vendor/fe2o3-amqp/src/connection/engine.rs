@@ -342,7 +342,7 @@ where
                 self.connection.on_incoming_begin(channel, begin).await?;
             }
             FrameBody::Attach(attach) => {
-                let sframe = SessionFrame::new(channel, SessionFrameBody::Attach(attach));
+                let sframe = SessionFrame::new(channel, SessionFrameBody::Attach(Box::new(attach)));
                 self.forward_to_session(channel, sframe).await?;
             }
             FrameBody::Flow(flow) => {
@@ -465,7 +465,7 @@ where
         let channel = OutgoingChannel(channel);
         let frame = match body {
             SessionFrameBody::Begin(begin) => self.connection.on_outgoing_begin(channel, begin)?,
-            SessionFrameBody::Attach(attach) => Frame::new(channel, FrameBody::Attach(attach)),
+            SessionFrameBody::Attach(attach) => Frame::new(channel, FrameBody::Attach(*attach)),
             SessionFrameBody::Flow(flow) => Frame::new(channel, FrameBody::Flow(flow)),
             SessionFrameBody::Transfer {
                 performative,

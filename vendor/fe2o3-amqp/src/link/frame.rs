@@ -23,7 +23,9 @@ pub(crate) struct LinkTransfer {
 /// This is a subset of the AMPQ frames
 // #[derive(Debug)]
 pub(crate) enum LinkFrame {
-    Attach(Attach),
+    // hot-potato patch: boxed, the largest performative, and rare. Every link and session channel allocates
+    // room for 32 frames up front, so the frame's size is paid per link while idle.
+    Attach(Box<Attach>),
     Flow(LinkFlow),
     /// A transfer received from the remote peer and forwarded to a receiver
     /// link.

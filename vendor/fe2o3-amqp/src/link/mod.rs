@@ -362,7 +362,7 @@ where
             }
         };
         let incomplete_unsettled = attach.incomplete_unsettled;
-        let frame = LinkFrame::Attach(attach);
+        let frame = LinkFrame::Attach(Box::new(attach));
 
         match self.local_state {
             LinkState::Unattached
@@ -994,7 +994,7 @@ pub(crate) mod test_util {
                     }
                     Some(LinkFrame::Attach(_)) => {
                         saw_attach = true;
-                        let _ = incoming_tx.send(LinkFrame::Attach(peer_attach.clone())).await;
+                        let _ = incoming_tx.send(LinkFrame::Attach(Box::new(peer_attach.clone()))).await;
                     }
                     Some(_) => {}
                     None => break,

@@ -871,7 +871,7 @@ where
                 Some(reason) => ReceiverAttachError::SessionStopped(reason.clone()),
                 None => ReceiverAttachError::IllegalState, // defensive: no stop reason recorded; failure is link-local
             })? {
-            LinkFrame::Attach(attach) => attach,
+            LinkFrame::Attach(attach) => *attach,
             _ => return Err(ReceiverAttachError::NonAttachFrameReceived),
         };
 

@@ -1719,7 +1719,7 @@ mod tests {
                                 let tx =
                                     incoming_tx.as_ref().expect("allocate was answered");
                                 let _ = tx
-                                    .send(LinkFrame::Attach(peer_receiver_attach()))
+                                    .send(LinkFrame::Attach(Box::new(peer_receiver_attach())))
                                     .await;
                             }
                         }

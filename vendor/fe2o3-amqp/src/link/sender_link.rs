@@ -851,7 +851,7 @@ where
                     Some(reason) => SenderAttachError::SessionStopped(reason.clone()),
                     None => SenderAttachError::IllegalState, // defensive: no stop reason recorded; failure is link-local
                 })? {
-                LinkFrame::Attach(attach) => attach,
+                LinkFrame::Attach(attach) => *attach,
                 _ => return Err(SenderAttachError::NonAttachFrameReceived),
             };
 

@@ -176,7 +176,7 @@ where
                 self.session.on_incoming_begin(channel, begin)?;
             }
             SessionFrameBody::Attach(attach) => {
-                self.session.on_incoming_attach(attach).await?;
+                self.session.on_incoming_attach(*attach).await?;
             }
             SessionFrameBody::Flow(flow) => {
                 if let Some(outgoing_item) = self.session.on_incoming_flow(flow).await? {
@@ -415,7 +415,7 @@ where
         let outgoing_item = match frame {
             LinkFrame::Attach(attach) => self
                 .session
-                .on_outgoing_attach(attach)
+                .on_outgoing_attach(*attach)
                 .map(SessionOutgoingItem::SingleFrame)
                 .map(Some)?,
             LinkFrame::Flow(flow) => self

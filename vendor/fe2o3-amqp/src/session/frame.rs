@@ -35,7 +35,8 @@ impl SessionFrame {
 // #[derive(Debug)]
 pub(crate) enum SessionFrameBody {
     // Frames handled by Link
-    Attach(Attach),
+    // hot-potato patch: boxed for the same reason as `LinkFrame::Attach`.
+    Attach(Box<Attach>),
     Flow(Flow),
     Transfer {
         performative: Transfer,

@@ -765,7 +765,7 @@ impl endpoint::Session for Session {
 
                     let input_handle = InputHandle::from(attach.handle.clone()); // handle is just a wrapper around u32
                     relay
-                        .send(LinkFrame::Attach(attach))
+                        .send(LinkFrame::Attach(Box::new(attach)))
                         .await
                         .map_err(|_| SessionInnerError::UnattachedHandle)?;
                     self.link_by_input_handle.insert(input_handle, relay);
@@ -1076,7 +1076,7 @@ impl endpoint::Session for Session {
     }
 
     fn on_outgoing_attach(&mut self, attach: Attach) -> Result<SessionFrame, Self::Error> {
-        let body = SessionFrameBody::Attach(attach);
+        let body = SessionFrameBody::Attach(Box::new(attach));
         let frame = SessionFrame::new(self.outgoing_channel, body);
         Ok(frame)
     }
