@@ -331,12 +331,13 @@ async fn supervise<O: LinkOpener>(
         ));
         match worker.await {
             Ok(WorkerEnd::CloseFailed(reason)) => {
-                let closing = supervisor.inner.closer.run(
+                // Boxed: a rare path, kept out of the future every idle enrollment holds.
+                let closing = Box::pin(supervisor.inner.closer.run(
                     ctx,
                     entry.enrollment.clone(),
                     supervisor.inner.shutdown.child_token(),
                     Some(reason),
-                );
+                ));
                 closing.await;
                 return;
             }

@@ -217,15 +217,18 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                 drop(message);
                 if max_in_flight == 1 {
                     // One at a time: deliver on this task and save a spawn and a cross-thread
-                    // wake-up per message. The breaker is still followed meanwhile.
-                    let delivering = std::pin::pin!(reply::deliver(
+                    // wake-up per message. The breaker is still followed meanwhile. Boxed: one
+                    // allocation per message, where inline the POST's future would make every
+                    // idle enrollment's loop as large as a POST under way.
+                    let delivering = Box::pin(reply::deliver(
                         dispatcher,
                         &request,
                         plan.as_ref(),
                         replier,
                         signals
                     ));
-                    let mut delivering = CatchUnwind(delivering);
+                    let mut delivering = delivering;
+                    let mut delivering = CatchUnwind(delivering.as_mut());
                     let mut credit_error = None;
                     let outcome = loop {
                         tokio::select! {

@@ -84,7 +84,7 @@ pub async fn run<O: LinkOpener>(
                 reason: &format!("target_url does not parse: {e}"),
             });
             return if signals.remove.is_cancelled() {
-                close_without_link(&ctx, enrollment).await
+                Box::pin(close_without_link(&ctx, enrollment)).await
             } else {
                 WorkerEnd::Stopped
             };
@@ -109,19 +109,21 @@ pub async fn run<O: LinkOpener>(
         // Not raced against the stop signal: dropping a half-open connection would leave it
         // to linger on the broker. Opening is bounded by AMQP_CONNECT_TIMEOUT_MS, and a link
         // that comes up after the signal is closed again at once.
-        let opened = ctx.opener.open(enrollment, granted).await;
+        // Boxed, like every await of this loop but the receive loop's own: a future holds room
+        // for its largest await, and ten thousand idle enrollments each hold this one.
+        let opened = Box::pin(ctx.opener.open(enrollment, granted)).await;
         if signals.stop.is_cancelled() {
             break match opened {
                 Ok(link) if signals.remove.is_cancelled() => {
-                    link.close().await;
+                    Box::pin(link.close()).await;
                     WorkerEnd::Closed
                 }
                 Ok(link) => {
-                    link.detach().await;
+                    Box::pin(link.detach()).await;
                     WorkerEnd::Stopped
                 }
                 Err(_) if signals.remove.is_cancelled() => {
-                    close_without_link(&ctx, enrollment).await
+                    Box::pin(close_without_link(&ctx, enrollment)).await
                 }
                 Err(_) => WorkerEnd::Stopped,
             };
@@ -143,17 +145,17 @@ pub async fn run<O: LinkOpener>(
                     replier: ctx.replier.as_ref(),
                     settle_batching: ctx.settle_batching,
                 };
-                match receive_loop(parts, &mut link).await {
+                match Box::pin(receive_loop(parts, &mut link)).await {
                     LinkEnd::Stopped => {
-                        link.detach().await;
+                        Box::pin(link.detach()).await;
                         break WorkerEnd::Stopped;
                     }
                     LinkEnd::Removed => {
-                        link.close().await;
+                        Box::pin(link.close()).await;
                         break WorkerEnd::Closed;
                     }
                     LinkEnd::Failed(e) => {
-                        link.abandon().await;
+                        Box::pin(link.abandon()).await;
                         if attached_at.elapsed() >= HEALTHY_LINK_AGE {
                             backoff.reset();
                         }
@@ -172,7 +174,7 @@ pub async fn run<O: LinkOpener>(
             biased;
             _ = signals.stop.cancelled() => {
                 break if signals.remove.is_cancelled() {
-                    close_without_link(&ctx, enrollment).await
+                    Box::pin(close_without_link(&ctx, enrollment)).await
                 } else {
                     WorkerEnd::Stopped
                 };
@@ -199,7 +201,7 @@ pub async fn close_without_link<O: LinkOpener>(
     }
     match ctx.opener.open(enrollment, 0).await {
         Ok(link) => {
-            link.close().await;
+            Box::pin(link.close()).await;
             tracing::info!("closed the durable subscription of a deleted enrollment");
             WorkerEnd::Closed
         }
