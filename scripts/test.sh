@@ -95,7 +95,7 @@ cargo test --workspace --all-targets -- --test-threads=2
 # pause/resume, the counted fault tests) once more against RabbitMQ 4.0, with its expectations.
 MATRIX_BINARIES=(dispatch reliability dead_letters broker_restart process request_reply batch)
 MATRIX_FILTERED=(faults operate policy)
-MATRIX_FILTERS=(kill_9 flapping pause_keeps json_logs a_ten_second_outage retries_use reject_on)
+MATRIX_FILTERS=(kill_9 flapping a_pool_slot pause_keeps json_logs a_ten_second_outage retries_use reject_on)
 if [[ "${HOT_POTATO_SKIP_RABBITMQ4:-0}" != 1 ]]; then
     step "broker matrix: RabbitMQ 4.0 (${MATRIX_BINARIES[*]}; ${MATRIX_FILTERED[*]}: ${MATRIX_FILTERS[*]})"
     export HOT_POTATO_TEST_BROKER=amqp://guest:guest@127.0.0.1:5673

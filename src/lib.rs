@@ -117,8 +117,9 @@ pub async fn run(
     let broker = std::sync::Arc::new(BrokerSettings {
         url: config.amqp_url.clone(),
         connect_timeout: config.amqp_connect_timeout,
-        pool: (config.amqp_connection_pool > 0)
-            .then(|| ConnectionPool::new(config.amqp_connection_pool)),
+        pool: (config.amqp_connection_pool > 0).then(|| {
+            ConnectionPool::new(config.amqp_connection_pool, config.amqp_links_per_session)
+        }),
         dialer: Dialer::Tcp,
         max_message_size: config.amqp_max_message_bytes,
     });

@@ -17,7 +17,7 @@ use hot_potato::amqp::error::LinkError;
 use hot_potato::amqp::link::{AmqpLink, Incoming};
 use hot_potato::enrollment::outcome::FailureOutcomePolicy;
 use hot_potato::enrollment::record::{Enrollment, SubscriptionArgs};
-use hot_potato_testkit::peer::{Peer, PeerConfig, TestMessage};
+use hot_potato_testkit::peer::{FrameBody, Peer, PeerConfig, TestMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use uuid::Uuid;
 
@@ -67,17 +67,17 @@ async fn receive_one(link: &mut AmqpLink) -> String {
     format!("{:?}", message.body)
 }
 
-/// One connection for two enrollments (`AMQP_CONNECTION_POOL=1`) whose broker allows one
-/// session per connection (channel-max 0): the second enrollment's `begin` fails on a live
-/// connection. That attempt fails alone; the first enrollment goes on receiving on the same
-/// connection, which is neither closed nor replaced.
+/// The peer advertises channel-max 0, so a pooled connection carries one session. The second
+/// enrollment of the slot gets a second connection of its own (`hot-potato-pool-0-1`) instead of
+/// a `begin` the broker never agreed to; the first enrollment goes on receiving on its connection,
+/// which is neither closed nor replaced.
 #[tokio::test]
-async fn one_refused_session_leaves_the_pooled_connection_to_the_others() {
+async fn a_full_pooled_connection_leaves_its_sessions_alone_and_the_slot_grows() {
     let peer = Arc::new(Peer::start(PeerConfig {
         channel_max: 0,
         ..PeerConfig::default()
     }));
-    let broker = settings(peer_dialer(&peer), Some(ConnectionPool::new(1)), 1 << 20);
+    let broker = settings(peer_dialer(&peer), Some(ConnectionPool::new(1, 1)), 1 << 20);
     let (a, b) = (enrollment("a"), enrollment("b"));
     let mut first = open(&broker, &a)
         .await
@@ -85,27 +85,42 @@ async fn one_refused_session_leaves_the_pooled_connection_to_the_others() {
     peer.send("a", TestMessage::text("before"));
     assert!(receive_one(&mut first).await.contains("before"));
 
-    let refused = open(&broker, &b).await;
-    let error = refused.err().expect("no second session on this connection");
-    assert!(
-        matches!(error, LinkError::Begin(_)),
-        "the begin failed: {error:?}"
-    );
-    assert!(error.to_string().contains("channel-max"), "{error}");
+    let mut second = open(&broker, &b)
+        .await
+        .expect("the second enrollment's link, on a second connection");
+    peer.send("b", TestMessage::text("to b"));
+    assert!(receive_one(&mut second).await.contains("to b"));
 
     peer.send("a", TestMessage::text("after"));
     assert!(receive_one(&mut first).await.contains("after"));
     let frames = peer.frames();
-    assert!(
-        frames.iter().all(|f| f.connection == 1),
-        "no second connection was opened"
+    let opens: Vec<(u64, String)> = frames
+        .iter()
+        .filter_map(|f| match &f.body {
+            FrameBody::Open(open) => Some((f.connection, open.container_id.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        opens,
+        [
+            (1, "hot-potato-pool-0".to_string()),
+            (2, "hot-potato-pool-0-1".to_string())
+        ]
     );
+    let attach_connections: Vec<u64> = frames
+        .iter()
+        .filter(|f| f.as_attach().is_some())
+        .map(|f| f.connection)
+        .collect();
+    assert_eq!(attach_connections, [1, 2], "one link on each connection");
     assert!(
         frames.iter().all(|f| f.as_close().is_none()),
-        "the pooled connection was not closed"
+        "no pooled connection was closed"
     );
-    assert_eq!(peer.live_connections(), 1);
+    assert_eq!(peer.live_connections(), 2);
     first.detach().await;
+    second.detach().await;
     broker.close_pool().await;
 }
 

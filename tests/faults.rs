@@ -488,6 +488,88 @@ async fn a_connection_pool_carries_many_enrollments_on_few_connections() {
     }
 }
 
+/// One pool slot and more enrollments than RabbitMQ 4.0 lets one connection carry sessions
+/// (64): the slot opens a second connection instead of asking the first for a session the
+/// broker would refuse, and every enrollment gets its messages. On RabbitMQ 3.10, which takes
+/// as many sessions as the client's channel-max, one connection carries them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_slot_opens_another_connection_when_the_broker_allows_no_more_sessions() {
+    const ENROLLMENTS: usize = 70;
+    let expected = broker_kind()
+        .sessions_per_connection()
+        .map_or(1, |per| ENROLLMENTS.div_ceil(per));
+    pooled_enrollments(ENROLLMENTS, &[("AMQP_CONNECTION_POOL", "1")], expected).await;
+}
+
+/// `AMQP_LINKS_PER_SESSION=32`: 70 enrollments' links on three sessions of one connection,
+/// every enrollment gets its messages, and deleting one closes its link only: the others on
+/// its session keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_slot_shares_sessions_between_links() {
+    pooled_enrollments(
+        70,
+        &[
+            ("AMQP_CONNECTION_POOL", "1"),
+            ("AMQP_LINKS_PER_SESSION", "32"),
+        ],
+        1,
+    )
+    .await;
+}
+
+/// `enrollments` enrollments on a daemon with `env`: all active on `connections` broker
+/// connections, a message each delivered, then one deleted and the rest still delivered.
+async fn pooled_enrollments(enrollments: usize, env: &[(&str, &str)], connections: usize) {
+    let _limit = time_limit(TEST_TIME_LIMIT);
+    let mgmt = Management::new();
+    let target = Target::start().await;
+    let (dir, db) = temp_db();
+    let (mut child, api, _log) = daemon_process(&dir, &db, env).await;
+    let queues: Vec<String> = (0..enrollments)
+        .map(|i| unique(&format!("slot{i}")))
+        .collect();
+    let mut ids = Vec::new();
+    for q in &queues {
+        mgmt.declare_classic(q).await;
+        ids.push(api.enroll_queue(q, &target.url()).await);
+    }
+    for id in &ids {
+        api.wait_state(id, "active", Duration::from_secs(60)).await;
+    }
+    assert_eq!(
+        broker_ports_of(child.id()).len(),
+        connections,
+        "{enrollments} enrollments on one pool slot"
+    );
+    let publish_to_each = |queues: Vec<String>, prefix: &'static str| async move {
+        for q in &queues {
+            let mut p = Publisher::connect(q).await;
+            p.send_numbered(&format!("{prefix}{q}"), 0..1).await;
+            p.close().await;
+        }
+    };
+    publish_to_each(queues.clone(), "").await;
+    wait_for(
+        "a message to every enrollment",
+        Duration::from_secs(30),
+        || async { (target.accepted_bodies().len() == enrollments).then_some(()) },
+    )
+    .await;
+    assert_eq!(api.delete(&ids[0]).await, 204);
+    publish_to_each(queues[1..].to_vec(), "after-delete-").await;
+    wait_for(
+        "the others keep flowing after one is deleted",
+        Duration::from_secs(30),
+        || async { (target.accepted_bodies().len() == 2 * enrollments - 1).then_some(()) },
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    for q in &queues {
+        mgmt.delete_queue(q).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_message_is_dead_lettered_and_the_worker_goes_on() {
     let _limit = time_limit(TEST_TIME_LIMIT);

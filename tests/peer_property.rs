@@ -152,6 +152,9 @@ struct Case {
     rabbitmq: bool,
     /// One shared pooled connection instead of one connection per link.
     pooled: bool,
+    /// With `pooled`: the link on a session links share (`AMQP_LINKS_PER_SESSION` 4), which
+    /// outlives each of its links, so every reattach after a link drop goes on the same session.
+    shared_session: bool,
     max_in_flight: u32,
     /// The worker's default prefetch; the link credit is the larger of it and `max_in_flight`.
     prefetch: u32,
@@ -277,6 +280,8 @@ impl Case {
             link_drops,
             bursts,
             outages,
+            // Drawn last, so every earlier seed still draws the case it always did.
+            shared_session: rng.bool(),
         }
     }
 
@@ -514,7 +519,9 @@ async fn start(case: &Case) -> Running {
     let broker = Arc::new(BrokerSettings {
         url: url::Url::parse("amqp://in-memory-peer").expect("url"),
         connect_timeout: WAIT,
-        pool: case.pooled.then(|| ConnectionPool::new(1)),
+        pool: case
+            .pooled
+            .then(|| ConnectionPool::new(1, if case.shared_session { 4 } else { 1 })),
         dialer: Dialer::Stream(Arc::new(move || dial.dial())),
         max_message_size: config.amqp_max_message_bytes,
     });
@@ -893,7 +900,7 @@ fn check_frames(out: &Outcome) -> Result<(), String> {
             })?;
         }
     }
-    // The link alive at the end: its session is the one of the last attach.
+    // The link alive at the end: the last attach, on the session begun before it.
     let last_attach = out
         .frames
         .iter()
@@ -904,9 +911,12 @@ fn check_frames(out: &Outcome) -> Result<(), String> {
     let session = begins
         .get(&channel)
         .map_or(0, |b| b.iter().filter(|at| **at <= last_attach.at).count());
+    // Sent after that attach: on a shared session, deliveries of an earlier link of the same
+    // session went back to the queue with that link's detach.
     let unsettled: Vec<String> = sent
         .iter()
         .filter(|(k, _)| (k.0, k.1, k.2) == (channel.0, channel.1, session))
+        .filter(|(_, s)| s.at >= last_attach.at)
         .filter(|(k, _)| !settled.contains(*k))
         .map(|(k, s)| format!("{} (delivery {})", message_id(&s.message), k.3))
         .collect();
@@ -1105,7 +1115,11 @@ async fn run_case(case: &Case) -> Result<String, String> {
         case.max_hold_ms,
         if case.rabbitmq { "rabbitmq" } else { "artemis" },
         if case.drop_404 { ", drop_on 404" } else { "" },
-        if case.pooled { ", pooled" } else { "" },
+        match (case.pooled, case.shared_session) {
+            (true, true) => ", pooled, shared session",
+            (true, false) => ", pooled",
+            _ => "",
+        },
         case.bursts.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
         case.outages.iter().map(|(_, l)| *l).collect::<Vec<_>>(),
         case.link_drops

@@ -83,18 +83,22 @@ impl AmqpLink {
         let name = link_name(enrollment);
         let mut lease = broker.session(enrollment.id, &name).await?;
         let source = build_source(&enrollment.queue, &enrollment.subscription_args);
-        let attached = Receiver::builder()
-            .name(name)
-            .source(source)
-            .auto_accept(false)
-            // No credit until the attach answer is checked below: a broker that pre-settles
-            // must not get the chance to send (and so lose) a single message.
-            .credit_mode(CreditMode::Manual)
-            // Every message unsettled, so each one can be handed back until its POST succeeded.
-            .sender_settle_mode(SenderSettleMode::Unsettled)
-            .max_message_size(broker.max_message_size)
-            .attach(&mut lease.session)
-            .await;
+        let attached = {
+            // A shared session is held for the attach only.
+            let mut session = lease.session().await;
+            Receiver::builder()
+                .name(name)
+                .source(source)
+                .auto_accept(false)
+                // No credit until the attach answer is checked below: a broker that pre-settles
+                // must not get the chance to send (and so lose) a single message.
+                .credit_mode(CreditMode::Manual)
+                // Every message unsettled, so each one can be handed back until its POST succeeded.
+                .sender_settle_mode(SenderSettleMode::Unsettled)
+                .max_message_size(broker.max_message_size)
+                .attach(&mut *session)
+                .await
+        };
         let mut receiver = match attached {
             Ok(receiver) => receiver,
             Err(e) => {

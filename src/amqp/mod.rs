@@ -2,7 +2,9 @@
 //! supplies), the receiver link, the failure outcome chosen from the broker's attach, and what
 //! the broker is told about each delivery. Knows nothing of HTTP.
 //!
-//! - [`connection`]: opening connections and sessions; the pool.
+//! - [`dial`]: opening and closing one connection.
+//! - [`connection`]: the broker settings and an enrollment's session lease.
+//! - [`pool`]: the shared connections and sessions of `AMQP_CONNECTION_POOL`.
 //! - [`source`]: link names and the source terminus.
 //! - [`link`]: the receiver link: attach, receive, settle, credit, detach, close.
 //! - [`depth`]: whether a payload is safe to decode: its nesting, walked without recursion.
@@ -13,9 +15,11 @@
 
 pub mod connection;
 pub mod depth;
+pub mod dial;
 pub mod error;
 pub mod link;
 pub mod outcome;
+pub mod pool;
 pub mod publish;
 pub mod reply_link;
 pub mod source;

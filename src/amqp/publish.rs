@@ -19,7 +19,8 @@ use fe2o3_amqp::types::messaging::{Data, Message, Outcome};
 use fe2o3_amqp::{Sender, Session};
 use tokio::sync::Mutex;
 
-use crate::amqp::connection::{BrokerSettings, close_quietly};
+use crate::amqp::connection::BrokerSettings;
+use crate::amqp::dial::close_quietly;
 
 /// At most this many addresses keep a sender; past it the senders are let go and attached
 /// again as needed, so `?address=` cannot grow the daemon's links without end.

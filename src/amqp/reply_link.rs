@@ -15,7 +15,8 @@ use fe2o3_amqp::types::messaging::{Body, Message, Source};
 use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::{Receiver, Session};
 
-use crate::amqp::connection::{BrokerSettings, close_quietly};
+use crate::amqp::connection::BrokerSettings;
+use crate::amqp::dial::close_quietly;
 use crate::amqp::error::LinkError;
 
 /// Whether an error is the broker saying it makes no dynamic nodes (RabbitMQ 3.x ends the

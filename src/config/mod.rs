@@ -44,9 +44,13 @@ fn invalid(var: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Largest `AMQP_CONNECTION_POOL`: sessions per connection are bounded by the broker's
-/// channel-max (2047 on RabbitMQ), so a handful of connections carries thousands of enrollments.
+/// Largest `AMQP_CONNECTION_POOL`: a slot grows connections when the broker's channel-max is
+/// reached, so a handful of slots carries thousands of enrollments.
 pub const MAX_CONNECTION_POOL: usize = 256;
+/// Largest `AMQP_LINKS_PER_SESSION`: RabbitMQ 4.0 takes 256 links on a session by default
+/// (`link_max_per_session`), and a broker that takes fewer ends the session, with every link
+/// on it, when one more attaches.
+pub const MAX_LINKS_PER_SESSION: usize = 256;
 /// Accepts per disposition at most: beyond a few hundred the saving per message is nil.
 pub const MAX_SETTLE_BATCH: usize = 1000;
 /// An accept waits at most a second: longer only widens what a crash redelivers.
@@ -107,6 +111,8 @@ pub struct Config {
     pub api_rate_limit_per_min: u32,
     /// 0: a connection per enrollment; N: enrollments share N connections.
     pub amqp_connection_pool: usize,
+    /// Enrollments' links on one pooled session (`AMQP_LINKS_PER_SESSION`; 1: a session each).
+    pub amqp_links_per_session: usize,
     /// The receiver link's `max-message-size`: the largest message the daemon takes in.
     pub amqp_max_message_bytes: u64,
     /// Accepts gathered into one disposition at most (`SETTLE_BATCH_MAX`; 1 turns it off).
@@ -233,6 +239,18 @@ impl Config {
                 ),
             ));
         }
+        if !(1..=MAX_LINKS_PER_SESSION).contains(&raw.amqp_links_per_session) {
+            return Err(invalid(
+                "AMQP_LINKS_PER_SESSION",
+                format!("must be from 1 (a session per enrollment) to {MAX_LINKS_PER_SESSION}"),
+            ));
+        }
+        if raw.amqp_links_per_session > 1 && raw.amqp_connection_pool == 0 {
+            return Err(invalid(
+                "AMQP_LINKS_PER_SESSION",
+                "shares sessions of pooled connections: set AMQP_CONNECTION_POOL too".to_string(),
+            ));
+        }
         if !(1..=MAX_SETTLE_BATCH).contains(&raw.settle_batch_max) {
             return Err(invalid(
                 "SETTLE_BATCH_MAX",
@@ -316,6 +334,7 @@ impl Config {
             cors_origins,
             api_rate_limit_per_min: raw.api_rate_limit_per_min,
             amqp_connection_pool: raw.amqp_connection_pool,
+            amqp_links_per_session: raw.amqp_links_per_session,
             amqp_max_message_bytes: raw.amqp_max_message_bytes,
             settle_batch_max: raw.settle_batch_max,
             settle_batch_delay: Duration::from_micros(raw.settle_batch_delay_us),
@@ -360,6 +379,7 @@ impl fmt::Debug for Config {
             .field("cors_origins", &self.cors_origins)
             .field("api_rate_limit_per_min", &self.api_rate_limit_per_min)
             .field("amqp_connection_pool", &self.amqp_connection_pool)
+            .field("amqp_links_per_session", &self.amqp_links_per_session)
             .field("amqp_max_message_bytes", &self.amqp_max_message_bytes)
             .field("settle_batch_max", &self.settle_batch_max)
             .field("settle_batch_delay", &self.settle_batch_delay)

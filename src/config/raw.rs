@@ -72,6 +72,8 @@ pub(super) struct RawConfig {
     pub(super) api_rate_limit_per_min: u32,
     #[serde(default)]
     pub(super) amqp_connection_pool: usize,
+    #[serde(default = "default_amqp_links_per_session")]
+    pub(super) amqp_links_per_session: usize,
     #[serde(default = "default_amqp_max_message_bytes")]
     pub(super) amqp_max_message_bytes: u64,
     #[serde(default = "default_settle_batch_max")]
@@ -202,4 +204,8 @@ fn default_lease_ttl_ms() -> u64 {
 }
 fn default_snapshot_interval_ms() -> u64 {
     2_000
+}
+
+fn default_amqp_links_per_session() -> usize {
+    1
 }
