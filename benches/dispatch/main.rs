@@ -20,7 +20,9 @@
 //!   `--no-scale` on the command line skips it too. It needs one broker connection per
 //!   enrollment by default; `BENCH_SCALE_POOL=N` runs that daemon with `AMQP_CONNECTION_POOL=N`
 //!   (N shared connections) instead. `BENCH_SCALE_FORCE=1` runs it even when the broker
-//!   reports fewer free sockets than it needs.
+//!   reports fewer free sockets than it needs. A second row runs
+//!   `BENCH_SCALE_POOLED_ENROLLMENTS` (10000; 0 skips it) on `BENCH_SCALE_POOLED_POOL` (8)
+//!   pooled connections with `BENCH_SCALE_POOLED_LINKS` (64) links per session.
 //! - `BENCH_ONLY`: a comma-separated subset of `ceiling`, `throughput` (runs the ceiling too),
 //!   `isolation`, `latency`, `publish`, `scale`.
 //! - `BENCH_CASES`: a comma-separated subset of the throughput rows by label
@@ -190,7 +192,7 @@ async fn main() -> ExitCode {
         "The RabbitMQ broker, the HTTP target (in this process) and the publisher run on the same machine beside the daemon, and share its CPUs."
     );
     println!(
-        "Settings: BENCH_MESSAGES={} BENCH_PREFETCH={} BENCH_LATENCY_RATE={} BENCH_LATENCY_SECS={} BENCH_SCALE={} BENCH_SCALE_ENROLLMENTS={} BENCH_SCALE_POOL={} BENCH_CLK_TCK={}; daemon {}; queues bench-{}-*",
+        "Settings: BENCH_MESSAGES={} BENCH_PREFETCH={} BENCH_LATENCY_RATE={} BENCH_LATENCY_SECS={} BENCH_SCALE={} BENCH_SCALE_ENROLLMENTS={} BENCH_SCALE_POOL={} BENCH_SCALE_POOLED_ENROLLMENTS={} BENCH_SCALE_POOLED_POOL={} BENCH_SCALE_POOLED_LINKS={} BENCH_CLK_TCK={}; daemon {}; queues bench-{}-*",
         settings.messages,
         settings.prefetch,
         settings.latency_rate,
@@ -198,6 +200,9 @@ async fn main() -> ExitCode {
         u8::from(settings.scale),
         settings.scale_enrollments,
         settings.scale_pool,
+        settings.scale_pooled_enrollments,
+        settings.scale_pooled_pool,
+        settings.scale_pooled_links,
         settings.clk_tck,
         settings.bin.display(),
         settings.run_id

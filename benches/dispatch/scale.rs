@@ -31,29 +31,40 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) {
             .push("Scale: skipped (BENCH_SCALE=0 or --no-scale)".into());
         return;
     }
-    println!("\n== scale: {} enrollments", s.scale_enrollments);
-    let outcome = scale(s, mgmt, report).await;
-    report.line(
-        &format!("scale ({} enrollments)", s.scale_enrollments),
-        outcome,
-    );
+    let mut rows = vec![(s.scale_enrollments, s.scale_pool, 1)];
+    if s.scale_pooled_enrollments > 0 {
+        rows.push((
+            s.scale_pooled_enrollments,
+            s.scale_pooled_pool.max(1),
+            s.scale_pooled_links.max(1),
+        ));
+    }
+    for (e, pool, links) in rows {
+        println!("\n== scale: {e} enrollments");
+        let outcome = scale(s, Row { e, pool, links }, mgmt, report).await;
+        report.line(&format!("scale ({e} enrollments)"), outcome);
+    }
 }
 
 /// How the daemon connects, and how many connections that takes; fails (unless
 /// `BENCH_SCALE_FORCE`) when the broker has not the sockets for them.
-async fn check_room(s: &Settings, mgmt: &Management) -> Result<String> {
-    let e = s.scale_enrollments;
+/// One scale row: enrollments, `AMQP_CONNECTION_POOL` (0: a connection each) and
+/// `AMQP_LINKS_PER_SESSION`.
+#[derive(Clone, Copy)]
+struct Row {
+    e: usize,
+    pool: usize,
+    links: usize,
+}
+
+async fn check_room(s: &Settings, row: Row, mgmt: &Management) -> Result<String> {
+    let Row { e, pool, links } = row;
     // hot-potato opens one AMQP connection per enrollment unless it pools them: make sure the
     // broker has room, without taking the last sockets from whoever else uses it.
-    let connections = if s.scale_pool > 0 {
-        s.scale_pool.min(e)
-    } else {
-        e
-    };
-    let how = if s.scale_pool > 0 {
+    let connections = if pool > 0 { pool.min(e) } else { e };
+    let how = if pool > 0 {
         format!(
-            "sharing {connections} AMQP connection(s), AMQP_CONNECTION_POOL={}",
-            s.scale_pool
+            "sharing {connections} AMQP connection(s), AMQP_CONNECTION_POOL={pool}, AMQP_LINKS_PER_SESSION={links}"
         )
     } else {
         "one AMQP connection each".to_string()
@@ -115,12 +126,12 @@ async fn wait_all_active(daemon: &mut Daemon, e: usize, first_enroll: Instant) -
     }
 }
 
-async fn scale(s: &Settings, mgmt: &Management, report: &mut Report) -> Result<String> {
-    let e = s.scale_enrollments;
-    let how = check_room(s, mgmt).await?;
+async fn scale(s: &Settings, row: Row, mgmt: &Management, report: &mut Report) -> Result<String> {
+    let Row { e, pool, links } = row;
+    let how = check_room(s, row, mgmt).await?;
 
-    let prefix = s.queue("scale-");
-    let names: Vec<String> = (0..e).map(|i| format!("{prefix}{i:04}")).collect();
+    let prefix = s.queue(&format!("scale{e}-"));
+    let names: Vec<String> = (0..e).map(|i| format!("{prefix}{i:05}")).collect();
     let started = Instant::now();
     let m = mgmt.clone();
     parallel::for_each(names.clone(), PARALLEL_CALLS, move |name| {
@@ -133,8 +144,11 @@ async fn scale(s: &Settings, mgmt: &Management, report: &mut Report) -> Result<S
         started.elapsed().as_secs_f64()
     );
     let target = Target::counting(false).await?;
-    let extra = if s.scale_pool > 0 {
-        vec![("AMQP_CONNECTION_POOL", s.scale_pool.to_string())]
+    let extra = if pool > 0 {
+        vec![
+            ("AMQP_CONNECTION_POOL", pool.to_string()),
+            ("AMQP_LINKS_PER_SESSION", links.to_string()),
+        ]
     } else {
         Vec::new()
     };

@@ -27,6 +27,12 @@ pub struct Settings {
     pub scale_force: bool,
     /// `AMQP_CONNECTION_POOL` of the scale scenario's daemon; 0 leaves the daemon's default.
     pub scale_pool: usize,
+    /// Enrollments of the pooled scale row (`BENCH_SCALE_POOLED_ENROLLMENTS`, 0 skips it).
+    pub scale_pooled_enrollments: usize,
+    /// `AMQP_CONNECTION_POOL` of the pooled scale row (`BENCH_SCALE_POOLED_POOL`).
+    pub scale_pooled_pool: usize,
+    /// `AMQP_LINKS_PER_SESSION` of the pooled scale row (`BENCH_SCALE_POOLED_LINKS`).
+    pub scale_pooled_links: usize,
     pub clk_tck: u64,
     pub bin: PathBuf,
     pub amqp_url: String,
@@ -71,6 +77,9 @@ impl Settings {
             scale_enrollments: env_parse("BENCH_SCALE_ENROLLMENTS", 1_000)?,
             scale_force: env_parse::<u8>("BENCH_SCALE_FORCE", 0)? != 0,
             scale_pool: env_parse("BENCH_SCALE_POOL", 0)?,
+            scale_pooled_enrollments: env_parse("BENCH_SCALE_POOLED_ENROLLMENTS", 10_000)?,
+            scale_pooled_pool: env_parse("BENCH_SCALE_POOLED_POOL", 8)?,
+            scale_pooled_links: env_parse("BENCH_SCALE_POOLED_LINKS", 64)?,
             clk_tck: env_parse("BENCH_CLK_TCK", 100)?,
             bin,
             amqp_url: std::env::var("BENCH_AMQP_URL")
