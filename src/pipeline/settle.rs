@@ -102,7 +102,9 @@ impl<D> AcceptBuffer<D> {
         let half_credit = (credit as usize / 2).max(1);
         let max = batching.max.clamp(1, half_credit);
         Self {
-            deliveries: Vec::with_capacity(max),
+            // Grown on demand and given back at each flush: ten thousand idle enrollments
+            // must not each hold room for a batch.
+            deliveries: Vec::new(),
             accepted: 0,
             dropped: 0,
             max,
@@ -148,7 +150,7 @@ impl<D> AcceptBuffer<D> {
         if self.deliveries.is_empty() {
             return Ok(());
         }
-        let batch = std::mem::replace(&mut self.deliveries, Vec::with_capacity(self.max));
+        let batch = std::mem::take(&mut self.deliveries);
         let (accepted, dropped) = (self.accepted, self.dropped);
         (self.accepted, self.dropped) = (0, 0);
         telemetry.emit(InFlightChanged(-(batch.len() as i64)));

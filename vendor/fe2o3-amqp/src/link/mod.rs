@@ -772,7 +772,7 @@ impl LinkRelay<OutputHandle> {
                 // be used here.
                 let frame = LinkTransfer {
                     input_handle: InputHandle::from(transfer.handle.clone()),
-                    performative: transfer,
+                    performative: Box::new(transfer),
                     payload,
                 };
                 tx.send(LinkFrame::RemoteTransfer(frame))

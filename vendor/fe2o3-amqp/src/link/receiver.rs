@@ -1107,7 +1107,7 @@ where
                     })
             }
             LinkFrame::RemoteTransfer(frame) => {
-                self.on_incoming_transfer(frame.performative, frame.payload)
+                self.on_incoming_transfer(*frame.performative, frame.payload)
                     .await // cancel safe
             }
             LinkFrame::Attach(_) => Err(LinkStateError::IllegalState.into()),
@@ -2328,7 +2328,7 @@ mod tests {
     fn make_link_frame(transfer: Transfer, payload: Payload) -> LinkFrame {
         LinkFrame::RemoteTransfer(LinkTransfer {
             input_handle: crate::endpoint::InputHandle(0),
-            performative: transfer,
+            performative: Box::new(transfer),
             payload,
         })
     }

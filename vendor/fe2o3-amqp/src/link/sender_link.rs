@@ -504,7 +504,7 @@ async fn send_transfer(
 ) -> Result<(), LinkStateError> {
     let frame = LinkTransfer {
         input_handle,
-        performative: transfer,
+        performative: Box::new(transfer),
         payload,
     };
     let frame = if is_first {

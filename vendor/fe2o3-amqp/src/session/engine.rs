@@ -425,13 +425,13 @@ where
                 .map(Some)?,
             LinkFrame::FirstTransfer(frame) => self.session.on_outgoing_transfer(
                 frame.input_handle,
-                frame.performative,
+                *frame.performative,
                 frame.payload,
                 true,
             )?,
             LinkFrame::TransferContinuation(frame) => self.session.on_outgoing_transfer(
                 frame.input_handle,
-                frame.performative,
+                *frame.performative,
                 frame.payload,
                 false,
             )?,

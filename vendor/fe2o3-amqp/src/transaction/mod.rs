@@ -706,7 +706,7 @@ pub(crate) fn rollback_on_drop(
             // Send out Rollback
             let frame = LinkFrame::FirstTransfer(LinkTransfer {
                 input_handle,
-                performative: transfer,
+                performative: Box::new(transfer),
                 payload,
             });
             if let Err(_error) = inner.outgoing.try_send(frame) {
