@@ -436,15 +436,7 @@ async fn a_connection_pool_carries_many_enrollments_on_few_connections() {
     let target = Target::start().await;
     let (dir, db) = temp_db();
     let (mut child, api, _log) = daemon_process(&dir, &db, &[("AMQP_CONNECTION_POOL", "2")]).await;
-    let queues: Vec<String> = (0..10).map(|i| unique(&format!("pool{i}"))).collect();
-    let mut ids = Vec::new();
-    for q in &queues {
-        mgmt.declare_classic(q).await;
-        ids.push(api.enroll_queue(q, &target.url()).await);
-    }
-    for id in &ids {
-        api.wait_state(id, "active", Duration::from_secs(30)).await;
-    }
+    let (queues, ids) = enroll_classic_queues(&mgmt, &api, &target, "pool", 10).await;
     for q in &queues {
         let mut p = Publisher::connect(q).await;
         p.send_numbered(q, 0..20).await;
@@ -488,6 +480,27 @@ async fn a_connection_pool_carries_many_enrollments_on_few_connections() {
     }
 }
 
+/// `n` classic queues named from `prefix`, each enrolled to `target`, all `active`: the
+/// queues and the enrollment ids.
+async fn enroll_classic_queues(
+    mgmt: &Management,
+    api: &Api,
+    target: &Target,
+    prefix: &str,
+    n: usize,
+) -> (Vec<String>, Vec<String>) {
+    let queues: Vec<String> = (0..n).map(|i| unique(&format!("{prefix}{i}"))).collect();
+    let mut ids = Vec::new();
+    for q in &queues {
+        mgmt.declare_classic(q).await;
+        ids.push(api.enroll_queue(q, &target.url()).await);
+    }
+    for id in &ids {
+        api.wait_state(id, "active", Duration::from_secs(60)).await;
+    }
+    (queues, ids)
+}
+
 /// One pool slot and more enrollments than RabbitMQ 4.0 lets one connection carry sessions
 /// (64): the slot opens a second connection instead of asking the first for a session the
 /// broker would refuse, and every enrollment gets its messages. On RabbitMQ 3.10, which takes
@@ -525,17 +538,7 @@ async fn pooled_enrollments(enrollments: usize, env: &[(&str, &str)], connection
     let target = Target::start().await;
     let (dir, db) = temp_db();
     let (mut child, api, _log) = daemon_process(&dir, &db, env).await;
-    let queues: Vec<String> = (0..enrollments)
-        .map(|i| unique(&format!("slot{i}")))
-        .collect();
-    let mut ids = Vec::new();
-    for q in &queues {
-        mgmt.declare_classic(q).await;
-        ids.push(api.enroll_queue(q, &target.url()).await);
-    }
-    for id in &ids {
-        api.wait_state(id, "active", Duration::from_secs(60)).await;
-    }
+    let (queues, ids) = enroll_classic_queues(&mgmt, &api, &target, "slot", enrollments).await;
     assert_eq!(
         broker_ports_of(child.id()).len(),
         connections,

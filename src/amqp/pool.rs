@@ -216,25 +216,31 @@ mod tests {
     use super::*;
     use crate::amqp::connection::BrokerSettings;
     use crate::amqp::dial::Dialer;
+    use hot_potato_testkit::peer::Peer;
+
+    /// Broker settings whose connections go to the in-memory `peer`, through `pool`.
+    fn on_peer(peer: &Arc<Peer>, pool: ConnectionPool) -> BrokerSettings {
+        let dial = Arc::clone(peer);
+        BrokerSettings {
+            url: Url::parse("amqp://in-memory-peer").expect("url"),
+            connect_timeout: Duration::from_secs(10),
+            pool: Some(pool),
+            dialer: Dialer::Stream(Arc::new(move || dial.dial())),
+            max_message_size: 1024,
+        }
+    }
 
     /// The in-memory peer advertises channel-max 0: each connection carries one session, so
     /// the slot grows a connection per session instead of asking a full one for more, and a
     /// channel freed on an existing connection is used before a new connection is opened.
     #[tokio::test]
     async fn a_full_pooled_connection_makes_the_slot_open_another() {
-        use hot_potato_testkit::peer::{FrameBody, Peer, PeerConfig};
+        use hot_potato_testkit::peer::{FrameBody, PeerConfig};
         let peer = Arc::new(Peer::start(PeerConfig {
             channel_max: 0,
             ..PeerConfig::default()
         }));
-        let dial = Arc::clone(&peer);
-        let broker = BrokerSettings {
-            url: Url::parse("amqp://in-memory-peer").expect("url"),
-            connect_timeout: Duration::from_secs(10),
-            pool: Some(ConnectionPool::new(1, 1)),
-            dialer: Dialer::Stream(Arc::new(move || dial.dial())),
-            max_message_size: 1024,
-        };
+        let broker = on_peer(&peer, ConnectionPool::new(1, 1));
         let mut sessions = Vec::new();
         for name in ["a", "b", "c"] {
             sessions.push(
@@ -285,16 +291,9 @@ mod tests {
     /// a shared lease go ends nothing, and the room it leaves is used before a new session.
     #[tokio::test]
     async fn links_share_a_session_up_to_the_bound() {
-        use hot_potato_testkit::peer::{FrameBody, Peer, PeerConfig};
+        use hot_potato_testkit::peer::{FrameBody, PeerConfig};
         let peer = Arc::new(Peer::start(PeerConfig::default()));
-        let dial = Arc::clone(&peer);
-        let broker = BrokerSettings {
-            url: Url::parse("amqp://in-memory-peer").expect("url"),
-            connect_timeout: Duration::from_secs(10),
-            pool: Some(ConnectionPool::new(1, 2)),
-            dialer: Dialer::Stream(Arc::new(move || dial.dial())),
-            max_message_size: 1024,
-        };
+        let broker = on_peer(&peer, ConnectionPool::new(1, 2));
         let begins = |peer: &Peer| {
             peer.frames()
                 .iter()
