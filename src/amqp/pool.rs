@@ -320,18 +320,10 @@ mod tests {
             peer.frames().iter().all(|f| f.as_end().is_none()),
             "a shared session outlives the link that let it go"
         );
-        leases.push(
-            broker
-                .session(Uuid::new_v4(), "unused")
-                .await
-                .expect("lease"),
-        );
-        leases.push(
-            broker
-                .session(Uuid::new_v4(), "unused")
-                .await
-                .expect("lease"),
-        );
+        for _ in 0..2 {
+            let lease = broker.session(Uuid::new_v4(), "unused").await;
+            leases.push(lease.expect("lease"));
+        }
         assert_eq!(
             begins(&peer),
             2,

@@ -436,6 +436,28 @@ mod tests {
     }
 
     #[test]
+    fn links_per_session_take_1_to_256_and_need_a_pool() {
+        let pooled = |links: &str| {
+            cfg(&[
+                ("AMQP_CONNECTION_POOL", "2"),
+                ("AMQP_LINKS_PER_SESSION", links),
+            ])
+            .map(|c| c.amqp_links_per_session)
+        };
+        assert_eq!(cfg(&[]).map(|c| c.amqp_links_per_session).ok(), Some(1));
+        assert_eq!(pooled("1").ok(), Some(1));
+        assert_eq!(pooled("256").ok(), Some(256));
+        for refused in [
+            pooled("0"),
+            pooled("257"),
+            cfg(&[("AMQP_LINKS_PER_SESSION", "8")]).map(|_| 0),
+        ] {
+            let e = refused.expect_err("refused");
+            assert!(e.to_string().contains("AMQP_LINKS_PER_SESSION"), "{e}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_variable() {
         for (vars, name) in [
             (vec![("HTTP_PORT", "eighty")], "HTTP_PORT"),
