@@ -230,7 +230,10 @@ impl AmqpLink {
         match tokio::time::timeout(LINK_END_TIMEOUT, detach).await {
             Ok(Ok(_detached)) => {}
             Ok(Err(e)) => tracing::debug!(error = %e, "detach was not clean"),
-            Err(_) => tracing::warn!("the broker did not answer the detach; ending the session"),
+            Err(_) => tracing::warn!(
+                shared_session = lease.is_shared(),
+                "the broker did not answer the detach; ending the session unless shared, else dropping the link"
+            ),
         }
         lease.end().await;
     }
@@ -249,17 +252,18 @@ impl AmqpLink {
         match tokio::time::timeout(LINK_END_TIMEOUT, close).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(error = %e, "link close was not clean"),
-            Err(_) => {
-                tracing::warn!("the broker did not answer the link close; ending the session")
-            }
+            Err(_) => tracing::warn!(
+                shared_session = lease.is_shared(),
+                "the broker did not answer the link close; ending the session unless shared, else dropping the link"
+            ),
         }
         lease.end().await;
     }
 
     /// Drops the link after a broker error: whatever is unsettled goes back to the queue
-    /// when the session ends. The dropped receiver detaches with `closed=false` (the vendored
-    /// fe2o3-amqp's patch), so a durable subscription survives; a failed link would not answer
-    /// a detach handshake anyway.
+    /// when the session ends, or on a shared session with the link's detach. The dropped
+    /// receiver detaches with `closed=false` (the vendored fe2o3-amqp's patch), so a durable
+    /// subscription survives; a failed link would not answer a detach handshake anyway.
     pub async fn abandon(self) {
         let Self {
             lease, receiver, ..

@@ -128,18 +128,18 @@ impl ConnectionPool {
         let k = match slot.iter().position(Option::is_none) {
             Some(k) => k,
             None if slot.len() < MAX_CONNECTIONS_PER_SLOT => {
+                if !slot.is_empty() {
+                    tracing::info!(
+                        slot = index,
+                        connection = slot.len(),
+                        "every connection of the pool slot carries as many sessions as the broker allows; opening another"
+                    );
+                }
                 slot.push(None);
                 slot.len() - 1
             }
             None => return Err(BeginError::LocalChannelMaxReached.into()),
         };
-        if k > 0 {
-            tracing::info!(
-                slot = index,
-                connection = k,
-                "every connection of the pool slot carries as many sessions as the broker allows; opening another"
-            );
-        }
         let mut connection = connect(url, dialer, &pooled_container_id(index, k)).await?;
         match Session::begin(&mut connection).await {
             Ok(session) => {

@@ -48,8 +48,8 @@ fn invalid(var: &'static str, reason: impl Into<String>) -> ConfigError {
 /// reached, so a handful of slots carries thousands of enrollments.
 pub const MAX_CONNECTION_POOL: usize = 256;
 /// Largest `AMQP_LINKS_PER_SESSION`: RabbitMQ 4.0 takes 256 links on a session by default
-/// (`link_max_per_session`), and a broker that takes fewer ends the session, with every link
-/// on it, when one more attaches.
+/// (`link_max_per_session`); past a broker's limit an attach is refused, which may cost the
+/// session and every link on it.
 pub const MAX_LINKS_PER_SESSION: usize = 256;
 /// Accepts per disposition at most: beyond a few hundred the saving per message is nil.
 pub const MAX_SETTLE_BATCH: usize = 1000;

@@ -220,14 +220,13 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                     // wake-up per message. The breaker is still followed meanwhile. Boxed: one
                     // allocation per message, where inline the POST's future would make every
                     // idle enrollment's loop as large as a POST under way.
-                    let delivering = Box::pin(reply::deliver(
+                    let mut delivering = Box::pin(reply::deliver(
                         dispatcher,
                         &request,
                         plan.as_ref(),
                         replier,
                         signals
                     ));
-                    let mut delivering = delivering;
                     let mut delivering = CatchUnwind(delivering.as_mut());
                     let mut credit_error = None;
                     let outcome = loop {

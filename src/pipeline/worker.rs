@@ -201,7 +201,7 @@ pub async fn close_without_link<O: LinkOpener>(
     }
     match ctx.opener.open(enrollment, 0).await {
         Ok(link) => {
-            Box::pin(link.close()).await;
+            link.close().await;
             tracing::info!("closed the durable subscription of a deleted enrollment");
             WorkerEnd::Closed
         }
