@@ -79,10 +79,11 @@ fn send_ready<D: Send + 'static>(
         };
         let dispatcher = Arc::clone(dispatcher);
         let signals = signals.clone();
-        in_flight.spawn(
+        // Boxed, as the single-message tasks below are.
+        in_flight.spawn(Box::pin(
             async move { Done::Batch(batch::deliver(&dispatcher, ready, &signals).await) }
                 .instrument(tracing::Span::current()),
-        );
+        ));
     }
 }
 
@@ -257,7 +258,10 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                 let dispatcher = Arc::clone(dispatcher);
                 let signals = signals.clone();
                 let replier = replier.cloned();
-                in_flight.spawn(
+                // Boxed: tokio moves a task's future by value through spawn and into its cell,
+                // and its stage (future or output) again on completion; with a box each move
+                // copies a pointer instead of the ~1.6 KB a POST under way takes.
+                in_flight.spawn(Box::pin(
                     async move {
                         let delivering = std::pin::pin!(reply::deliver(
                             &dispatcher,
@@ -273,7 +277,7 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                     }
                     // Keeps the enrollment id and queue on the delivery's log lines.
                     .instrument(tracing::Span::current()),
-                );
+                ));
             }
         }
     };
