@@ -228,4 +228,52 @@ mod tests {
         assert_eq!(headers["x-b"], "b");
         assert_eq!(headers["x-keep"], "k");
     }
+
+    /// The vendored reqwest skips parsing a request's URL back when no redirect was followed
+    /// (vendor/reqwest/PATCHES.md); a client that follows redirects must still see where one
+    /// led and still drop the credentials on the way to another host.
+    #[tokio::test]
+    async fn the_patched_client_still_follows_redirects_as_before() {
+        use axum::http::{HeaderMap as Headers, StatusCode, header};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let app = axum::Router::new()
+            .route(
+                "/from",
+                axum::routing::post(move || async move {
+                    let to = format!("http://localhost:{port}/to");
+                    (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, to)])
+                }),
+            )
+            .route(
+                "/to",
+                axum::routing::post(|headers: Headers| async move {
+                    if headers.contains_key(header::AUTHORIZATION) {
+                        "auth"
+                    } else {
+                        "none"
+                    }
+                }),
+            );
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::new();
+        let direct = Url::parse(&format!("http://127.0.0.1:{port}/to")).expect("url");
+        let answer = client.post(direct.clone()).send().await.expect("answer");
+        assert_eq!(answer.url(), &direct);
+        let redirected = client
+            .post(format!("http://127.0.0.1:{port}/from"))
+            .header(header::AUTHORIZATION, "Bearer secret")
+            .body("x")
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(
+            redirected.url().as_str(),
+            format!("http://localhost:{port}/to")
+        );
+        assert_eq!(redirected.text().await.expect("body"), "none");
+        server.abort();
+    }
 }
