@@ -1,6 +1,7 @@
 //! Operating the daemon: token protection of every route, the OpenAPI document against the
 //! router, metrics and stats after real deliveries (and no secrets in them), readiness,
-//! pause/resume across a restart, JSON logs, and random requests thrown at the API.
+//! pause/resume across a restart, JSON logs, random requests thrown at the API, and the
+//! binary's allocator options.
 
 mod common;
 
@@ -524,4 +525,38 @@ async fn random_requests_get_client_errors_and_the_daemon_keeps_serving() {
     let (status, _) = api.get("/health").await;
     assert_eq!(status, 200, "still serving");
     daemon.stop().await;
+}
+
+/// The binary's jemalloc options are read (a misdeclared `_rjem_malloc_conf` would be ignored
+/// without a word): the background thread that hands idle memory back runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_allocates_with_jemalloc_and_its_purging_thread() {
+    let _limit = time_limit(TEST_TIME_LIMIT);
+    let (_dir, db) = temp_db();
+    let port = free_port();
+    let daemon = spawn_daemon(&db, port, None, &[]);
+    Api::new(&format!("http://127.0.0.1:{port}"))
+        .wait_healthy()
+        .await;
+    let tasks = format!("/proc/{}/task", daemon.0.id());
+    wait_for(
+        "jemalloc's background thread",
+        Duration::from_secs(10),
+        || {
+            let names: Vec<String> = std::fs::read_dir(&tasks)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+                .map(|name| name.trim().to_string())
+                .collect();
+            async move {
+                names
+                    .iter()
+                    .any(|name| name == "jemalloc_bg_thd")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
 }
