@@ -8,7 +8,7 @@ use hot_potato::config::{Config, LogFormat};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
-/// glibc's malloc took about a ninth of the daemon's CPU per message, part of it waiting on an
+/// glibc's malloc took about 12 % of the daemon's CPU per message, part of it waiting on an
 /// arena lock between runtime threads (perf, `max_in_flight` 16), and made 8 enrollments slower
 /// than one; jemalloc keeps per-thread caches. (mimalloc was as fast but held ~20 % more idle
 /// memory at 10,000 enrollments.)
