@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 /// glibc's malloc took about 12 % of the daemon's CPU per message, part of it waiting on an
 /// arena lock between runtime threads (perf, `max_in_flight` 16), and made 8 enrollments slower
-/// than one; jemalloc keeps per-thread caches. (mimalloc was as fast but held ~20 % more idle
+/// than one; jemalloc keeps per-thread caches. (mimalloc was as fast but held ~15 % more idle
 /// memory at 10,000 enrollments.)
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

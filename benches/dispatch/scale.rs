@@ -232,8 +232,9 @@ async fn scale(s: &Settings, row: Row, mgmt: &Management, report: &mut Report) -
 
 /// A publisher with a sender on every queue of `chunk`. RabbitMQ 3.10's AMQP 1.0 plugin now and
 /// then ends a session mid-way through thousands of attaches (`internal_error` 541, `noproc` of
-/// the short-lived channel it opens per attach; seen at sender 360, 603 and 956 of 2,500 in
-/// otherwise identical runs), so a failed attach is tried again on a fresh connection.
+/// the short-lived channel it opens per attach; seen anywhere from sender 279 to 1357 of 2,500
+/// in otherwise identical runs), so a failed attach is tried again on a fresh connection. On a
+/// bad day three tries in a row fail too; then the row reports the error.
 async fn connect_publisher(url: &str, chunk: &[String]) -> Result<Publisher> {
     const TRIES: u32 = 3;
     let mut tried = 1;
