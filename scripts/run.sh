@@ -25,4 +25,6 @@ MSG
     exit 1
 fi
 
+"$ROOT/scripts/ensure-build-tools.sh"
+
 exec cargo run --release --bin hot-potato -- "$@"

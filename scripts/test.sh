@@ -27,6 +27,9 @@ MSG
     exit 1
 fi
 
+step "build tools (cc, make)"
+"$ROOT/scripts/ensure-build-tools.sh"
+
 step "broker (amqp://localhost:5672)"
 AMQP_URL=amqp://localhost:5672 "$ROOT/scripts/ensure-broker.sh"
 
