@@ -3,8 +3,8 @@
 //! read by the API. Atomics and short std-mutex sections keep the per-message cost at a few
 //! uncontended writes.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -63,7 +63,9 @@ pub struct EnrollmentStatus {
     /// Unix milliseconds of the last accepted delivery, 0 for none; formatted when shown, not
     /// on the per-message path.
     last_success_ms: AtomicI64,
-    rate: RateWindow,
+    /// Made at the first delivery: an enrollment that never delivers (most of ten thousand
+    /// idle ones) holds a pointer instead of the window's 480 bytes.
+    rate: OnceLock<Box<RateWindow>>,
     paused: AtomicBool,
     /// Messages held in hand because the target is unavailable, and why since when.
     held: AtomicU64,
@@ -74,27 +76,28 @@ pub struct EnrollmentStatus {
 }
 
 /// Deliveries per second over the last minute: 60 one-second buckets, each stamped with the
-/// second it counts, so stale buckets are recognised without a timer.
+/// second it counts, so stale buckets are recognised without a timer. 32-bit: seconds since
+/// 1970 fit until 2106, and no enrollment delivers four billion messages in a second.
 #[derive(Debug)]
 struct RateWindow {
-    buckets: [AtomicU64; 60],
-    stamps: [AtomicU64; 60],
+    buckets: [AtomicU32; 60],
+    stamps: [AtomicU32; 60],
 }
 
 impl Default for RateWindow {
     fn default() -> Self {
         Self {
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            stamps: std::array::from_fn(|_| AtomicU64::new(0)),
+            buckets: std::array::from_fn(|_| AtomicU32::new(0)),
+            stamps: std::array::from_fn(|_| AtomicU32::new(0)),
         }
     }
 }
 
 impl RateWindow {
-    fn now_secs() -> u64 {
+    fn now_secs() -> u32 {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
+            .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
     }
 
     /// Counts one delivery now; returns the time in Unix milliseconds.
@@ -102,7 +105,11 @@ impl RateWindow {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let now = (now_ms / 1000) as u64;
+        self.record_at(u32::try_from(now_ms / 1000).unwrap_or(u32::MAX));
+        now_ms
+    }
+
+    fn record_at(&self, now: u32) {
         let i = (now % 60) as usize;
         // Two workers never share a window (one per enrollment), so a plain check-then-reset
         // is enough; at worst a count lands in a bucket that is reset the same second.
@@ -110,19 +117,21 @@ impl RateWindow {
             self.buckets[i].store(0, Ordering::Relaxed);
         }
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        now_ms
     }
 
     /// Counts for the last 60 whole seconds, oldest first (the current second excluded).
     fn history(&self) -> Vec<u64> {
-        let now = Self::now_secs();
+        self.history_at(Self::now_secs())
+    }
+
+    fn history_at(&self, now: u32) -> Vec<u64> {
         (1..=60)
             .rev()
             .map(|ago| {
                 let second = now.saturating_sub(ago);
                 let i = (second % 60) as usize;
                 if self.stamps[i].load(Ordering::Relaxed) == second {
-                    self.buckets[i].load(Ordering::Relaxed)
+                    u64::from(self.buckets[i].load(Ordering::Relaxed))
                 } else {
                     0
                 }
@@ -145,7 +154,7 @@ impl Default for EnrollmentStatus {
             failure_outcome: Mutex::new(None),
             last_error: Mutex::new(None),
             last_success_ms: AtomicI64::new(0),
-            rate: RateWindow::default(),
+            rate: OnceLock::new(),
             paused: AtomicBool::new(false),
             held: AtomicU64::new(0),
             held_reason: Mutex::new(None),
@@ -193,7 +202,7 @@ impl EnrollmentStatus {
     /// Accepted after a 2xx.
     pub fn record_delivered(&self) {
         bump(&self.delivered);
-        let now = self.rate.record();
+        let now = self.rate.get_or_init(Box::default).record();
         self.last_success_ms.store(now, Ordering::Relaxed);
     }
     /// Handed back with the failure outcome after the POST attempts failed.
@@ -329,7 +338,9 @@ impl EnrollmentStatus {
 
     /// Deliveries in each of the last 60 whole seconds, oldest first.
     pub fn rate_history(&self) -> Vec<u64> {
-        self.rate.history()
+        self.rate
+            .get()
+            .map_or_else(|| vec![0; 60], |rate| rate.history())
     }
 }
 
@@ -348,4 +359,37 @@ fn rfc3339_from_ms(ms: i64) -> Option<String> {
         .ok()?
         .format(&Rfc3339)
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_window_counts_each_second_and_forgets_stale_ones() {
+        let window = RateWindow::default();
+        let second = 1_800_000_000;
+        for _ in 0..3 {
+            window.record_at(second);
+        }
+        window.record_at(second + 1);
+        let history = window.history_at(second + 2);
+        assert_eq!(history.len(), 60);
+        assert_eq!(&history[58..], &[3, 1]);
+        assert_eq!(history.iter().sum::<u64>(), 4);
+        // A minute later the same buckets are stale: stamped with another second.
+        assert_eq!(window.history_at(second + 62), vec![0; 60]);
+        window.record_at(second + 60);
+        assert_eq!(&window.history_at(second + 61)[59..], &[1]);
+    }
+
+    #[test]
+    fn the_rate_window_is_made_at_the_first_delivery() {
+        let status = EnrollmentStatus::default();
+        assert_eq!(status.rate_history(), vec![0; 60]);
+        assert!(status.rate.get().is_none());
+        status.record_delivered();
+        assert!(status.rate.get().is_some());
+        assert!(status.last_success_ms.load(Ordering::Relaxed) > 0);
+    }
 }

@@ -464,7 +464,7 @@ where
 
                 // An error here means the session is already closed, so we can't send a detach
                 let result = writer
-                    .send(LinkFrame::Detach(detach))
+                    .send(LinkFrame::Detach(Box::new(detach)))
                     .await // cancel safe
                     .map_err(|_| match self.session_stop_reason.get() {
                         Some(reason) => DetachError::SessionStopped(reason.clone()),
@@ -770,11 +770,11 @@ impl LinkRelay<OutputHandle> {
                 // incomplete-transfer state. A remote peer may repeat the
                 // delivery-id/tag on continuation frames, so presence must not
                 // be used here.
-                let frame = LinkTransfer {
+                let frame = Box::new(LinkTransfer {
                     input_handle: InputHandle::from(transfer.handle.clone()),
-                    performative: Box::new(transfer),
+                    performative: transfer,
                     payload,
-                };
+                });
                 tx.send(LinkFrame::RemoteTransfer(frame))
                     .await
                     .map_err(|_| LinkRelayError::UnattachedHandle)?;
@@ -820,7 +820,7 @@ impl LinkRelay<OutputHandle> {
         detach: Detach,
         remote_initiated: bool,
     ) -> Option<Detach> {
-        let frame = LinkFrame::Detach(detach.clone());
+        let frame = LinkFrame::Detach(Box::new(detach.clone()));
         match self {
             LinkRelay::Sender {
                 tx,
@@ -982,11 +982,11 @@ pub(crate) mod test_util {
                         // to the closing detach we sent after reattaching.
                         let closed = if detaches == 1 { !detach.closed } else { true };
                         let _ = incoming_tx
-                            .send(LinkFrame::Detach(Detach {
+                            .send(LinkFrame::Detach(Box::new(Detach {
                                 handle: Handle(0),
                                 closed,
                                 error: None,
-                            }))
+                            })))
                             .await;
                         if detaches >= 2 {
                             break;

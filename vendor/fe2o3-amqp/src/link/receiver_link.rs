@@ -58,7 +58,7 @@ where
 
         let flow = self.get_link_flow(handle, link_credit, drain, echo, include_properties);
         writer
-            .send(LinkFrame::Flow(flow))
+            .send(LinkFrame::Flow(Box::new(flow)))
             .await // cancel safe
             .map_err(|_| match self.session_stop_reason.get() {
                 Some(reason) => Self::FlowError::SessionStopped(reason.clone()),
@@ -294,7 +294,7 @@ where
                 state: Some(state),
                 batchable,
             };
-            let frame = LinkFrame::Disposition(disposition);
+            let frame = LinkFrame::Disposition(Box::new(disposition));
             writer
                 .send(frame)
                 .await // cancel safe
@@ -443,7 +443,7 @@ impl ReceiverLink<Target> {
 
             let flow = self.get_link_flow(handle, link_credit, drain, echo, include_properties);
             writer
-                .blocking_send(LinkFrame::Flow(flow))
+                .blocking_send(LinkFrame::Flow(Box::new(flow)))
                 .map_err(|_| match self.session_stop_reason.get() {
                     Some(reason) => FlowError::SessionStopped(reason.clone()),
                     None => FlowError::IllegalState, // defensive: no stop reason recorded; failure is link-local
@@ -523,7 +523,7 @@ impl<T> ReceiverLink<T> {
             state: Some(state),
             batchable,
         };
-        let frame = LinkFrame::Disposition(disposition);
+        let frame = LinkFrame::Disposition(Box::new(disposition));
         writer
             .send(frame)
             .await // cancel safe
@@ -958,7 +958,7 @@ where
         + Sync,
 {
     match reader.recv().await {
-        Some(LinkFrame::Detach(remote_detach)) => match link.on_detach_reply(remote_detach) {
+        Some(LinkFrame::Detach(remote_detach)) => match link.on_detach_reply(*remote_detach) {
             Ok(_) => err,
             Err(detach_error) => detach_error.try_into().unwrap_or(err),
         },

@@ -532,7 +532,7 @@ where
                 // If the state change fails, ignore it: the engine is being
                 // dropped anyway, and the deliveries below are failed from
                 // the detach itself.
-                if self.link.apply_remote_detach_outcome(detach).is_err() {
+                if self.link.apply_remote_detach_outcome(*detach).is_err() {
                     #[cfg(feature = "tracing")]
                     tracing::debug!("failed to apply remote detach outcome on sender drop");
                     #[cfg(feature = "log")]
@@ -558,7 +558,7 @@ where
                     closed: true,
                     error: None,
                 };
-                match self.outgoing.try_send(LinkFrame::Detach(detach)) {
+                match self.outgoing.try_send(LinkFrame::Detach(Box::new(detach))) {
                     Ok(()) => detach_sent = true,
                     Err(_error) => {
                         #[cfg(any(feature = "log", feature = "tracing"))]
@@ -1502,7 +1502,7 @@ mod tests {
             error: None,
         };
         writer
-            .send(LinkFrame::Detach(placeholder))
+            .send(LinkFrame::Detach(Box::new(placeholder)))
             .await
             .expect("the session end is open");
         (writer, session)
@@ -1601,11 +1601,12 @@ mod tests {
         inner.abort(tag.clone(), 0, Some(sender)).await.unwrap();
 
         match outgoing_rx.try_recv().expect("expected a transfer") {
-            LinkFrame::FirstTransfer(LinkTransfer {
-                performative,
-                payload,
-                ..
-            }) => {
+            LinkFrame::FirstTransfer(frame) => {
+                let LinkTransfer {
+                    performative,
+                    payload,
+                    ..
+                } = *frame;
                 assert!(performative.resume);
                 assert!(performative.aborted);
                 assert!(!performative.more);
@@ -1723,10 +1724,8 @@ mod tests {
                                     .await;
                             }
                         }
-                        Some(LinkFrame::FirstTransfer(LinkTransfer {
-                            performative,
-                            ..
-                        })) => {
+                        Some(LinkFrame::FirstTransfer(frame)) => {
+                            let performative = &frame.performative;
                             assert!(performative.aborted);
                             assert!(performative.resume);
                             saw_abort = true;
@@ -1736,11 +1735,11 @@ mod tests {
                             detaches += 1;
                             let tx = incoming_tx.as_ref().expect("allocate was answered");
                             let _ = tx
-                                .send(LinkFrame::Detach(Detach {
+                                .send(LinkFrame::Detach(Box::new(Detach {
                                     handle: fe2o3_amqp_types::definitions::Handle(0),
                                     closed: false,
                                     error: None,
-                                }))
+                                })))
                                 .await;
                         }
                         Some(_) => {}

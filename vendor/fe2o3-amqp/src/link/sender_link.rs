@@ -205,7 +205,7 @@ where
                     // shows up as the channel closing (`None` below).
                     Some(LinkFrame::Detach(detach)) => {
                         let closed = detach.closed;
-                        let result = self.apply_remote_detach_outcome(detach);
+                        let result = self.apply_remote_detach_outcome(*detach);
 
                         match (result, closed) {
                             (Ok(_), true) => Err(LinkStateError::RemoteClosed),
@@ -502,11 +502,11 @@ async fn send_transfer(
     is_first: bool,
     session_stop_reason: &OnceLock<SessionStopReason>,
 ) -> Result<(), LinkStateError> {
-    let frame = LinkTransfer {
+    let frame = Box::new(LinkTransfer {
         input_handle,
-        performative: Box::new(transfer),
+        performative: transfer,
         payload,
-    };
+    });
     let frame = if is_first {
         LinkFrame::FirstTransfer(frame)
     } else {
@@ -539,7 +539,7 @@ async fn send_disposition(
         state,
         batchable,
     };
-    let frame = LinkFrame::Disposition(disposition);
+    let frame = LinkFrame::Disposition(Box::new(disposition));
     writer
         .send(frame)
         .await
@@ -937,7 +937,7 @@ where
             match link.send_detach(writer, true, Some(err)).await {
                 Ok(_) => match reader.recv().await {
                     Some(LinkFrame::Detach(remote_detach)) => {
-                        let _ = link.on_detach_reply(remote_detach); // FIXME: hadnle detach errors?
+                        let _ = link.on_detach_reply(*remote_detach); // FIXME: hadnle detach errors?
                         attach_error
                     }
                     Some(_) => SenderAttachError::NonAttachFrameReceived,
@@ -970,7 +970,7 @@ where
         + Sync,
 {
     match reader.recv().await {
-        Some(LinkFrame::Detach(remote_detach)) => match link.on_detach_reply(remote_detach) {
+        Some(LinkFrame::Detach(remote_detach)) => match link.on_detach_reply(*remote_detach) {
             Ok(_) => err,
             Err(detach_error) => detach_error.try_into().unwrap_or(err),
         },

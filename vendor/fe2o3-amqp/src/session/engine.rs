@@ -420,18 +420,18 @@ where
                 .map(Some)?,
             LinkFrame::Flow(flow) => self
                 .session
-                .on_outgoing_flow(flow)
+                .on_outgoing_flow(*flow)
                 .map(SessionOutgoingItem::SingleFrame)
                 .map(Some)?,
             LinkFrame::FirstTransfer(frame) => self.session.on_outgoing_transfer(
                 frame.input_handle,
-                *frame.performative,
+                frame.performative,
                 frame.payload,
                 true,
             )?,
             LinkFrame::TransferContinuation(frame) => self.session.on_outgoing_transfer(
                 frame.input_handle,
-                *frame.performative,
+                frame.performative,
                 frame.payload,
                 false,
             )?,
@@ -442,12 +442,12 @@ where
             }
             LinkFrame::Disposition(disposition) => self
                 .session
-                .on_outgoing_disposition(disposition)
+                .on_outgoing_disposition(*disposition)
                 .map(SessionOutgoingItem::SingleFrame)
                 .map(Some)?,
             LinkFrame::Detach(detach) => self
                 .session
-                .on_outgoing_detach(detach, true)
+                .on_outgoing_detach(*detach, true)
                 .map(SessionOutgoingItem::SingleFrame),
 
             #[cfg(feature = "transaction")]

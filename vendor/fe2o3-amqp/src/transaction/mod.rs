@@ -704,11 +704,11 @@ pub(crate) fn rollback_on_drop(
             }
 
             // Send out Rollback
-            let frame = LinkFrame::FirstTransfer(LinkTransfer {
+            let frame = LinkFrame::FirstTransfer(Box::new(LinkTransfer {
                 input_handle,
-                performative: Box::new(transfer),
+                performative: transfer,
                 payload,
-            });
+            }));
             if let Err(_error) = inner.outgoing.try_send(frame) {
                 // The channel to the session is already closed
                 #[cfg(feature = "tracing")]
