@@ -237,31 +237,27 @@ mod tests {
     use crate::pipeline::receive::{LoopParts, receive_loop};
     use crate::shutdown::StopSignals;
 
-    fn size_of_future_1<A, F: Future>(_: impl FnOnce(A) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    fn size_of_future_2<A, B, F: Future>(_: impl FnOnce(A, B) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    fn size_of_future_4<A, B, C, D, F: Future>(_: impl FnOnce(A, B, C, D) -> F) -> usize {
+    /// The size of the future `start` returns, without making one: `A` is its arguments,
+    /// as a tuple.
+    fn size_of_future<A, F: Future>(_start: impl FnOnce(A) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
     #[test]
     fn an_idle_enrollment_holds_small_futures() {
-        let worker = size_of_future_4::<
+        type WorkerArgs = (
             WorkerContext<AmqpOpener>,
             Arc<LiveEnrollment>,
             StopSignals,
             u64,
-            _,
-        >(run::<AmqpOpener>);
-        let receive_loop =
-            size_of_future_2::<LoopParts<'static>, &'static mut AmqpLink, _>(receive_loop);
-        let recv =
-            size_of_future_1::<&'static mut Receiver, _>(|receiver| receiver.recv::<Body<Value>>());
+        );
+        let worker = size_of_future(|(ctx, live, signals, generation): WorkerArgs| {
+            run(ctx, live, signals, generation)
+        });
+        let receive_loop = size_of_future(
+            |(parts, link): (LoopParts<'static>, &'static mut AmqpLink)| receive_loop(parts, link),
+        );
+        let recv = size_of_future(|receiver: &'static mut Receiver| receiver.recv::<Body<Value>>());
         println!("worker {worker}, receive loop {receive_loop}, fe2o3 recv {recv} bytes");
         assert!(worker <= 1024, "the worker's future is {worker} bytes");
         assert!(
