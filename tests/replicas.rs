@@ -220,8 +220,11 @@ async fn kill_9_of_a_mid_stream_fails_over_to_b_within_the_lease_with_bounded_du
         first_by_b < Duration::from_millis(TTL_MS + 5_000),
         "{first_by_b:?}"
     );
-    // One POST in flight per enrollment (max_in_flight 1): at most one accepted, unsettled.
-    assert!(duplicates <= on_a.len(), "{duplicates} duplicates");
+    // Per moved enrollment (max_in_flight 1): the POST in flight, and the accept of the one
+    // before it, gathered for a disposition that the kill kept from going out (README,
+    // At-least-once delivery). A POST takes over 20 ms here against the 500 µs gathering
+    // delay, so no more than one accept is waiting at a time.
+    assert!(duplicates <= 2 * on_a.len(), "{duplicates} duplicates");
     let _ = a.process.wait_exit(Duration::from_secs(5)).await;
     drop(b);
     for q in &names {
