@@ -4,6 +4,7 @@
 # 2-core machine where wall-clock runs cannot separate a few percent.
 #
 #   BIN=target/profiling/hot-potato N=3000 MIF=16 scripts/callgrind.sh
+#   DAEMON_ENV="TARGET_DIRECT_HTTP1=false" …   (more settings for the daemon, space-separated)
 #
 # A quorum queue is preloaded with N messages of 256 bytes (through the management API), one
 # enrollment (prefetch 1000, max_in_flight MIF) pushes them to the demo receiver, and the daemon
@@ -50,7 +51,7 @@ PY
     port="$(free_port)"
     dir="$(mktemp -d)"
     env -i PATH=/usr/bin:/bin AMQP_URL=amqp://guest:guest@127.0.0.1:5672 HTTP_PORT="$port" \
-        SQLITE_BACKUP_PATH="$dir/db.sqlite" LOG_LEVEL=warn \
+        SQLITE_BACKUP_PATH="$dir/db.sqlite" LOG_LEVEL=warn ${DAEMON_ENV:-} \
         valgrind --tool=callgrind --callgrind-out-file="$OUT/$tag.out" "$BIN" >"$dir/log" 2>&1 &
     vpid=$!
     for _ in $(seq 1 120); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.5; done

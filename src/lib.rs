@@ -57,6 +57,8 @@ use crate::amqp::publish::Publisher;
 use crate::backoff::BackoffSettings;
 use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::Config;
+use crate::delivery::clients::{TargetHttp, proxy_in_environment};
+use crate::delivery::plain_http::PlainHttp;
 use crate::delivery::resolver::GuardedResolver;
 use crate::fleet::registry::Registry;
 use crate::fleet::supervisor::Supervisor;
@@ -102,8 +104,10 @@ pub async fn run(
     };
     tracing::info!(store = %store.describe(), "enrollment store ready");
 
-    let http = reqwest::Client::builder()
-        .user_agent(concat!("hot-potato/", env!("CARGO_PKG_VERSION")))
+    let token = CancellationToken::new();
+    let user_agent = concat!("hot-potato/", env!("CARGO_PKG_VERSION"));
+    let general = reqwest::Client::builder()
+        .user_agent(user_agent)
         .tcp_nodelay(true)
         // A redirect would turn the POST into a GET without the body and could still end in a
         // 2xx; a 3xx is an answer like any other non-2xx.
@@ -113,6 +117,16 @@ pub async fn run(
             config.target_policy.clone(),
         )))
         .build()?;
+    let plain = (config.target_direct_http1 && !proxy_in_environment()).then(|| {
+        std::sync::Arc::new(PlainHttp::new(
+            config.target_policy.clone(),
+            reqwest::header::HeaderValue::from_static(user_agent),
+        ))
+    });
+    let idle_reaper = plain
+        .clone()
+        .map(|plain| tokio::spawn(plain.reap_idle(token.child_token())));
+    let http = TargetHttp { general, plain };
     let metrics = Metrics::new(config.metrics_per_enrollment);
     let broker = std::sync::Arc::new(BrokerSettings {
         url: config.amqp_url.clone(),
@@ -123,7 +137,6 @@ pub async fn run(
         dialer: Dialer::Tcp,
         max_message_size: config.amqp_max_message_bytes,
     });
-    let token = CancellationToken::new();
     let publisher =
         std::sync::Arc::new(Publisher::new(broker.clone(), config.amqp_connect_timeout));
     let relay = std::sync::Arc::new(Relay::new(
@@ -243,6 +256,11 @@ pub async fn run(
         cluster.leave().await;
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), replies).await;
+    if let Some(reaper) = idle_reaper
+        && let Err(e) = reaper.await
+    {
+        tracing::error!(error = %e, "the idle HTTP connection reaper failed");
+    }
     publisher.close().await;
     broker.close_pool().await;
     watcher.abort();

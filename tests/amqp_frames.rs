@@ -100,7 +100,7 @@ async fn start_with(
             broker,
             failure_policy: FailureOutcomePolicy::Auto,
         }),
-        http: reqwest::Client::new(),
+        http: reqwest::Client::new().into(),
         default_prefetch: 10,
         settle_batching,
         reconnect: BackoffSettings {

@@ -533,7 +533,8 @@ async fn start(case: &Case) -> Running {
         http: reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .expect("http client"),
+            .expect("http client")
+            .into(),
         default_prefetch: case.prefetch,
         // The defaults: accepts gathered into ranges, so the checks see ranged dispositions.
         settle_batching: SettleBatching {

@@ -98,6 +98,9 @@ pub struct Config {
     pub delivery_defaults: DeliveryDefaults,
     /// `TARGET_ALLOWLIST` and `TARGET_DENY_PRIVATE`: which targets and addresses are allowed.
     pub target_policy: TargetPolicy,
+    /// `TARGET_DIRECT_HTTP1`: plain-HTTP targets through the direct HTTP/1.1 client rather
+    /// than reqwest (when no proxy is set).
+    pub target_direct_http1: bool,
 
     /// Bearer token the API requires; `None` leaves the API open (bind to loopback then).
     pub api_token: Option<String>,
@@ -328,6 +331,7 @@ impl Config {
             amqp_connect_timeout: Duration::from_millis(raw.amqp_connect_timeout_ms),
             delivery_defaults,
             target_policy,
+            target_direct_http1: raw.target_direct_http1,
             api_token,
             metrics_require_token: raw.metrics_require_token,
             metrics_per_enrollment: raw.metrics_per_enrollment,
@@ -376,6 +380,7 @@ impl fmt::Debug for Config {
             .field("api_token", &self.api_token.as_ref().map(|_| "***"))
             .field("metrics_require_token", &self.metrics_require_token)
             .field("metrics_per_enrollment", &self.metrics_per_enrollment)
+            .field("target_direct_http1", &self.target_direct_http1)
             .field("cors_origins", &self.cors_origins)
             .field("api_rate_limit_per_min", &self.api_rate_limit_per_min)
             .field("amqp_connection_pool", &self.amqp_connection_pool)

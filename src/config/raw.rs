@@ -66,6 +66,8 @@ pub(super) struct RawConfig {
     pub(super) metrics_require_token: bool,
     #[serde(default = "default_true")]
     pub(super) metrics_per_enrollment: bool,
+    #[serde(default = "default_true")]
+    pub(super) target_direct_http1: bool,
     #[serde(default)]
     pub(super) cors_origins: Option<String>,
     #[serde(default = "default_api_rate_limit_per_min")]

@@ -10,7 +10,8 @@ use reqwest::header::{HeaderMap, HeaderValue};
 use url::Url;
 
 use crate::delivery::breaker::{CircuitBreaker, Health};
-use crate::delivery::post::{Answer, PostResult, age_since, post};
+use crate::delivery::clients::{TargetHttp, TargetRoute};
+use crate::delivery::post::{Answer, PostResult, age_since, request_headers};
 use crate::delivery::request::PushRequest;
 use crate::delivery::signing;
 use crate::delivery::verdict::{Verdict, verdict};
@@ -50,9 +51,8 @@ pub enum DeliveryOutcome {
 }
 
 pub struct Dispatcher {
-    http: reqwest::Client,
-    /// Parsed once: reqwest would otherwise parse (and IDNA-map) the string per request.
-    target_url: Url,
+    /// The client the target's POSTs go through.
+    route: TargetRoute,
     /// `hot-potato-enrollment-id`, built once.
     enrollment_header: HeaderValue,
     /// Read for its policy: shared with the registry rather than copied (~0.35 KiB, and
@@ -68,7 +68,7 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn new(
-        http: reqwest::Client,
+        http: TargetHttp,
         live: &Arc<LiveEnrollment>,
         telemetry: Arc<EnrollmentTelemetry>,
     ) -> Result<Self, url::ParseError> {
@@ -86,8 +86,7 @@ impl Dispatcher {
         let enrollment_header = HeaderValue::from_str(&live.enrollment.id.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static(""));
         Ok(Self {
-            http,
-            target_url,
+            route: http.route(target_url),
             enrollment_header,
             static_headers: signing::static_headers(policy),
             signing_key: policy.signing.as_ref().and_then(|s| s.key()),
@@ -292,15 +291,10 @@ impl Dispatcher {
         keep: bool,
     ) -> (PostResult, Option<Answer>) {
         let started = std::time::Instant::now();
-        let (result, answer) = post(
-            &self.http,
-            &self.target_url,
-            request,
-            headers,
-            (self.policy().timeout(), self.policy().response_max_bytes),
-            keep,
-        )
-        .await;
+        let headers = request_headers(request, headers);
+        let body = request.body.clone();
+        let bounds = (self.policy().timeout(), self.policy().response_max_bytes);
+        let (result, answer) = self.route.post(headers, body, bounds, keep).await;
         self.telemetry.emit(PostAttempted {
             status_class: status_class(result.code(), result == PostResult::Timeout),
             took: started.elapsed(),

@@ -7,6 +7,8 @@
 //!   HTTP answer.
 //! - [`batch`]: several messages as one POST (`delivery.batch`): the body and the answer.
 //! - [`post`]: one POST and what came back (the answer's body read up to a bound).
+//! - [`plain_http`]: the direct HTTP/1.1 client for plain-HTTP targets, no task of its own.
+//! - [`clients`]: which of the two clients an enrollment's target uses.
 //! - [`resolver`]: the client's resolver, applying the target rules to every address.
 //! - [`verdict`]: status → success, retry, reject, drop or fail.
 //! - [`breaker`]: the per-enrollment circuit breaker.
@@ -16,7 +18,9 @@
 pub mod amqp_json;
 pub mod batch;
 pub mod breaker;
+pub mod clients;
 pub mod dispatcher;
+pub mod plain_http;
 pub mod post;
 pub mod publish;
 pub mod request;

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use reqwest::header::HeaderMap;
 use url::Url;
 
@@ -52,44 +53,41 @@ pub struct Answer {
     pub truncated: bool,
 }
 
-/// Sends one POST, bounded by `timeout` from connect to the end of the response body, of
-/// which at most `max_body` bytes are read.
+/// The message's headers with the attempt's (static, signature) on top.
+pub fn request_headers(request: &PushRequest, extra_headers: HeaderMap) -> HeaderMap {
+    let mut headers = request.headers.clone();
+    merge(&mut headers, extra_headers);
+    headers
+}
+
+/// Sends one POST through reqwest, bounded by `timeout` from connect to the end of the
+/// response body, of which at most `max_body` bytes are read.
 /// With `keep`, the answer is kept too (status, headers, body up to the bound), for a reply.
 pub async fn post(
     client: &reqwest::Client,
     target_url: &Url,
-    request: &PushRequest,
-    extra_headers: HeaderMap,
+    headers: HeaderMap,
+    body: Bytes,
     (timeout, max_body): (Duration, usize),
     keep: bool,
 ) -> (PostResult, Option<Answer>) {
-    let mut headers = request.headers.clone();
-    merge(&mut headers, extra_headers);
     let sent = client
         .post(target_url.clone())
         .headers(headers)
-        .body(request.body.clone())
+        .body(body)
         .timeout(timeout)
         .send()
         .await;
     match sent {
         Ok(response) => {
             let code = response.status().as_u16();
-            let retry_after = if code == 429 || code == 503 {
-                response
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_retry_after)
-            } else {
-                None
-            };
+            let retry_after = retry_after(code, response.headers());
             let headers = keep.then(|| response.headers().clone());
             let (body, truncated) = drain(response, max_body, keep).await;
             let answer = headers.map(|headers| Answer {
                 status: code,
                 headers,
-                body: bytes::Bytes::from(body),
+                body: Bytes::from(body),
                 truncated,
             });
             (PostResult::Status { code, retry_after }, answer)
@@ -102,6 +100,17 @@ pub async fn post(
         // The URL may carry credentials: keep it out of the error text.
         Err(e) => (PostResult::Network(error_chain(&e.without_url())), None),
     }
+}
+
+/// The answer's `Retry-After`, read on a 429 or 503 only.
+pub fn retry_after(code: u16, headers: &HeaderMap) -> Option<Duration> {
+    if code != 429 && code != 503 {
+        return None;
+    }
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after)
 }
 
 /// Reads the answer's body to its end, so the pooled connection can be reused, unless it is
@@ -179,7 +188,7 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
     )
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -37,16 +37,42 @@ impl Resolve for GuardedResolver {
         let policy = Arc::clone(&self.policy);
         let name = name.as_str().to_string();
         Box::pin(async move {
-            let resolved = tokio::net::lookup_host((name.as_str(), 0)).await?;
-            let (allowed, refused) = sort_addresses(&policy, resolved);
-            if allowed.is_empty()
-                && let Some(reason) = refused
-            {
-                return Err(Box::new(TargetBlocked { name, reason }) as _);
+            match resolve_allowed(&policy, &name, 0).await {
+                Ok(allowed) => Ok(Box::new(allowed.into_iter()) as Addrs),
+                Err(ResolveError::Blocked(blocked)) => Err(Box::new(blocked) as _),
+                Err(ResolveError::Lookup(e)) => Err(Box::new(e) as _),
             }
-            Ok(Box::new(allowed.into_iter()) as Addrs)
         })
     }
+}
+
+/// Why a name gave no address to connect to.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Blocked(#[from] TargetBlocked),
+    #[error("dns error: {0}")]
+    Lookup(#[from] std::io::Error),
+}
+
+/// `name`'s addresses (with `port`) that the rules allow, or the refusal when they allow
+/// none of them.
+pub async fn resolve_allowed(
+    policy: &TargetPolicy,
+    name: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, ResolveError> {
+    let resolved = tokio::net::lookup_host((name, port)).await?;
+    let (allowed, refused) = sort_addresses(policy, resolved);
+    if allowed.is_empty()
+        && let Some(reason) = refused
+    {
+        return Err(ResolveError::Blocked(TargetBlocked {
+            name: name.to_string(),
+            reason,
+        }));
+    }
+    Ok(allowed)
 }
 
 /// The addresses the rules allow, and the first refusal. Refused addresses are left out, so

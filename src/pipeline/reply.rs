@@ -192,8 +192,8 @@ mod tests {
             &Metrics::new(false),
             0,
         ));
-        let dispatcher =
-            Dispatcher::new(reqwest::Client::new(), &live, telemetry).expect("a valid target URL");
+        let dispatcher = Dispatcher::new(reqwest::Client::new().into(), &live, telemetry)
+            .expect("a valid target URL");
         let message = message(Properties::default());
         let request = PushRequest::from_message(&message, dispatcher.enrollment_header(), 0);
         let plan = ReplyPlan {

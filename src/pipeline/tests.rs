@@ -92,7 +92,7 @@ pub(crate) fn live(target_url: &str, delivery: serde_json::Value) -> Arc<LiveEnr
 pub(crate) fn context(broker: &FakeBroker) -> WorkerContext<FakeOpener> {
     WorkerContext {
         opener: Arc::new(FakeOpener(broker.clone())),
-        http: reqwest::Client::new(),
+        http: reqwest::Client::new().into(),
         default_prefetch: 10,
         settle_batching: SettleBatching::OFF,
         reconnect: BackoffSettings {

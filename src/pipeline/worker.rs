@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backoff::{Backoff, BackoffSettings};
+use crate::delivery::clients::TargetHttp;
 use crate::delivery::dispatcher::Dispatcher;
 use crate::enrollment::live::LiveEnrollment;
 use crate::pipeline::credit::CreditFollower;
@@ -20,9 +21,8 @@ use crate::telemetry::{EnrollmentTelemetry, Metrics};
 /// Everything a worker needs besides its enrollment; one shared copy for all workers.
 pub struct WorkerContext<O> {
     pub opener: Arc<O>,
-    /// One client for every worker: connection pools are per target host, so a slow target
-    /// only ties up its own connections.
-    pub http: reqwest::Client,
+    /// The target clients every worker shares (see [`TargetHttp`]).
+    pub http: TargetHttp,
     pub default_prefetch: u32,
     /// How accepts are gathered into ranges (`SETTLE_BATCH_MAX`, `SETTLE_BATCH_DELAY_US`).
     pub settle_batching: SettleBatching,
