@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use url::{Host, Position, Url};
 
-use crate::delivery::post::{Answer, PostResult, error_chain, retry_after};
+use crate::delivery::post::{Answer, BoundedBody, PostResult, error_chain, retry_after};
 use crate::delivery::resolver::{ResolveError, resolve_allowed};
 use crate::enrollment::target::TargetPolicy;
 
@@ -252,12 +252,13 @@ impl PlainHttp {
 }
 
 impl IdlePool {
-    /// The most recently used idle connection still open: the older ones are the first to
-    /// expire, and a pool sized for a burst shrinks back.
+    /// The most recently used idle connection not expired: the older ones are the first to
+    /// expire, and a pool sized for a burst shrinks back. Whether the target closed it is
+    /// seen when the connection is first polled again, before the request is handed to it.
     fn take(&self) -> Option<IdleConnection> {
         loop {
-            let mut idle = lock(&self.idle).pop()?;
-            if idle.since.elapsed() < IDLE_TIMEOUT && idle.still_open() {
+            let idle = lock(&self.idle).pop()?;
+            if idle.since.elapsed() < IDLE_TIMEOUT {
                 return Some(idle);
             }
         }
@@ -270,7 +271,7 @@ impl IdlePool {
         }
     }
 
-    /// Drops what [`Self::take`] would skip; returns how many are left.
+    /// Drops the expired connections and those the target closed; returns how many are left.
     fn reap(&self, now: Instant) -> usize {
         let mut idle = lock(&self.idle);
         idle.retain_mut(|c| now.duration_since(c.since) < IDLE_TIMEOUT && c.still_open());
@@ -315,8 +316,7 @@ async fn read_answer(
     let (parts, mut body) = response.into_parts();
     let code = parts.status.as_u16();
     let retry_after = retry_after(code, &parts.headers);
-    let mut read = 0usize;
-    let mut kept = Vec::new();
+    let mut bounded = BoundedBody::new(max_body, keep);
     let (truncated, reusable) = loop {
         let mut next = body.frame();
         let frame = drive(connection, open, |cx| Pin::new(&mut next).poll(cx)).await;
@@ -324,26 +324,16 @@ async fn read_answer(
             // The end of the body, or a body cut short: what was read is the answer.
             break (false, frame.is_none());
         };
-        let Ok(chunk) = frame.into_data() else {
-            continue;
-        };
-        read = read.saturating_add(chunk.len());
-        if keep {
-            let room = max_body.saturating_sub(kept.len());
-            kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        }
-        if read > max_body {
-            tracing::debug!(
-                max_body,
-                "target's answer is longer than RESPONSE_MAX_BYTES; dropping the connection"
-            );
+        if let Ok(chunk) = frame.into_data()
+            && !bounded.add(&chunk)
+        {
             break (true, false);
         }
     };
     let answer = keep.then(|| Answer {
         status: code,
         headers: parts.headers,
-        body: Bytes::from(kept),
+        body: Bytes::from(bounded.kept),
         truncated,
     });
     ((PostResult::Status { code, retry_after }, answer), reusable)

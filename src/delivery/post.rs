@@ -118,23 +118,50 @@ pub fn retry_after(code: u16, headers: &HeaderMap) -> Option<Duration> {
 /// and a target streaming without end costs at most one chunk beyond the bound.
 /// With `keep`, the bytes read (at most `max_body`) are returned, and whether there were more.
 async fn drain(mut response: reqwest::Response, max_body: usize, keep: bool) -> (Vec<u8>, bool) {
-    let mut read = 0usize;
-    let mut kept = Vec::new();
+    let mut body = BoundedBody::new(max_body, keep);
     while let Ok(Some(chunk)) = response.chunk().await {
-        read = read.saturating_add(chunk.len());
-        if keep {
-            let room = max_body.saturating_sub(kept.len());
-            kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        }
-        if read > max_body {
-            tracing::debug!(
-                max_body,
-                "target's answer is longer than RESPONSE_MAX_BYTES; dropping the connection"
-            );
-            return (kept, true);
+        if !body.add(&chunk) {
+            return (body.kept, true);
         }
     }
-    (kept, false)
+    (body.kept, false)
+}
+
+/// An answer's body as it is read: counted against `max_body` and, with `keep`, kept up to it.
+pub struct BoundedBody {
+    read: usize,
+    pub kept: Vec<u8>,
+    max_body: usize,
+    keep: bool,
+}
+
+impl BoundedBody {
+    pub fn new(max_body: usize, keep: bool) -> Self {
+        Self {
+            read: 0,
+            kept: Vec::new(),
+            max_body,
+            keep,
+        }
+    }
+
+    /// Counts (and keeps) one chunk; `false` once the body is longer than the bound, when
+    /// the caller stops reading and drops the connection.
+    pub fn add(&mut self, chunk: &[u8]) -> bool {
+        self.read = self.read.saturating_add(chunk.len());
+        if self.keep {
+            let room = self.max_body.saturating_sub(self.kept.len());
+            self.kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        if self.read > self.max_body {
+            tracing::debug!(
+                max_body = self.max_body,
+                "target's answer is longer than RESPONSE_MAX_BYTES; dropping the connection"
+            );
+            return false;
+        }
+        true
+    }
 }
 
 /// Time since an epoch-milliseconds instant; `None` for one in the future (clock skew) or
