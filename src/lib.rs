@@ -123,10 +123,10 @@ pub async fn run(
             reqwest::header::HeaderValue::from_static(user_agent),
         ))
     });
-    let idle_reaper = plain
-        .clone()
-        .map(|plain| tokio::spawn(plain.reap_idle(token.child_token())));
-    let http = TargetHttp { general, plain };
+    let http = TargetHttp {
+        general,
+        plain: plain.clone(),
+    };
     let metrics = Metrics::new(config.metrics_per_enrollment);
     let broker = std::sync::Arc::new(BrokerSettings {
         url: config.amqp_url.clone(),
@@ -247,6 +247,8 @@ pub async fn run(
         max_connections: guard.max_connections,
         shutdown_grace: config.shutdown_grace,
     };
+    // Started here, past every early return, so it always ends with the token.
+    let idle_reaper = plain.map(|plain| tokio::spawn(plain.reap_idle(token.child_token())));
     let served = api::serve::serve(listener, app, limits, token.clone()).await;
     // Whatever ended the server, the workers are stopped the same way.
     token.cancel();

@@ -163,9 +163,10 @@ impl PlainHttp {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = target.path.clone();
         *request.headers_mut() = headers;
-        // A pooled connection the target has closed since is known only once written to;
-        // a request hyper hands back unsent goes on the next one. Each pass takes one
-        // connection out of the pool or dials, so this ends.
+        // A pooled connection the target has closed since shows it when first polled again
+        // (the close is read), or only once written to; a request hyper hands back unsent
+        // goes on the next one. Each pass takes one connection out of the pool or dials, so
+        // this ends.
         loop {
             let (mut sender, mut connection, pooled) = match target.pool.take() {
                 Some(idle) => (idle.sender, idle.connection, true),
