@@ -57,7 +57,7 @@ use crate::amqp::publish::Publisher;
 use crate::backoff::BackoffSettings;
 use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::Config;
-use crate::delivery::clients::{TargetHttp, proxy_in_environment};
+use crate::delivery::clients::{TargetHttp, USER_AGENT, proxy_in_environment};
 use crate::delivery::plain_http::PlainHttp;
 use crate::delivery::resolver::GuardedResolver;
 use crate::fleet::registry::Registry;
@@ -105,9 +105,8 @@ pub async fn run(
     tracing::info!(store = %store.describe(), "enrollment store ready");
 
     let token = CancellationToken::new();
-    let user_agent = concat!("hot-potato/", env!("CARGO_PKG_VERSION"));
     let general = reqwest::Client::builder()
-        .user_agent(user_agent)
+        .user_agent(USER_AGENT)
         .tcp_nodelay(true)
         // A redirect would turn the POST into a GET without the body and could still end in a
         // 2xx; a 3xx is an answer like any other non-2xx.
@@ -120,7 +119,7 @@ pub async fn run(
     let plain = (config.target_direct_http1 && !proxy_in_environment()).then(|| {
         std::sync::Arc::new(PlainHttp::new(
             config.target_policy.clone(),
-            reqwest::header::HeaderValue::from_static(user_agent),
+            reqwest::header::HeaderValue::from_static(USER_AGENT),
         ))
     });
     let http = TargetHttp {

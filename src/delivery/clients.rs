@@ -12,6 +12,9 @@ use crate::delivery::plain_http::{PlainHttp, PlainTarget};
 use crate::delivery::post::{Answer, PostResult, post};
 use crate::enrollment::target::TargetPolicy;
 
+/// What both clients send as `User-Agent` unless the enrollment's headers set one.
+pub const USER_AGENT: &str = concat!("hot-potato/", env!("CARGO_PKG_VERSION"));
+
 /// The clients every worker shares. Connection pools are per target address, so a slow target
 /// only ties up its own connections.
 #[derive(Clone)]
@@ -26,13 +29,11 @@ impl From<reqwest::Client> for TargetHttp {
     /// `general` for `https` and the like, and a direct client for plain HTTP with no target
     /// rules beyond the enrollment's checks (as a default `reqwest::Client` has none).
     fn from(general: reqwest::Client) -> Self {
-        let user_agent =
-            HeaderValue::from_static(concat!("hot-potato/", env!("CARGO_PKG_VERSION")));
         Self {
             general,
             plain: Some(Arc::new(PlainHttp::new(
                 TargetPolicy::default(),
-                user_agent,
+                HeaderValue::from_static(USER_AGENT),
             ))),
         }
     }

@@ -153,12 +153,12 @@ impl PlainHttp {
         keep: bool,
     ) -> Result<(PostResult, Option<Answer>), ExchangeError> {
         headers.insert(HOST, target.host_header.clone());
-        if !headers.contains_key(USER_AGENT) {
-            headers.insert(USER_AGENT, self.user_agent.clone());
-        }
-        if !headers.contains_key(ACCEPT) {
-            headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
-        }
+        headers
+            .entry(USER_AGENT)
+            .or_insert_with(|| self.user_agent.clone());
+        headers
+            .entry(ACCEPT)
+            .or_insert_with(|| HeaderValue::from_static("*/*"));
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = target.path.clone();
@@ -368,6 +368,8 @@ mod tests {
     struct TestTarget {
         url: Url,
         connections: Arc<AtomicUsize>,
+        /// Connections the target has closed.
+        closed: Arc<AtomicUsize>,
         server: tokio::task::JoinHandle<()>,
     }
 
@@ -382,10 +384,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let connections = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&connections);
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (counted, closing) = (Arc::clone(&connections), Arc::clone(&closed));
         let server = tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
+                let closing = Arc::clone(&closing);
                 tokio::spawn(async move {
                     while let Some(head) = read_request(&mut stream).await {
                         let answer = match answering {
@@ -398,19 +402,21 @@ mod tests {
                             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{answer}",
                             answer.len()
                         );
-                        if stream.write_all(reply.as_bytes()).await.is_err() {
-                            return;
-                        }
-                        if matches!(answering, Answering::ThenClose) {
-                            return;
+                        if stream.write_all(reply.as_bytes()).await.is_err()
+                            || matches!(answering, Answering::ThenClose)
+                        {
+                            break;
                         }
                     }
+                    drop(stream);
+                    closing.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
         TestTarget {
             url: Url::parse(&format!("http://127.0.0.1:{port}/hook?a=1")).expect("url"),
             connections,
+            closed,
             server,
         }
     }
@@ -518,11 +524,15 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_target_closed_is_not_reused() {
         let (server, client, target) = direct(Answering::ThenClose).await;
-        for _ in 0..3 {
+        for closes in 1..=3 {
             let (result, _) = post(&client, &target, BOUNDS).await;
             assert_eq!(result.code(), Some(200));
-            // The target's close reaches this side before the next POST takes a connection.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The next POST takes the pooled connection only once the target has closed it.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while server.closed.load(Ordering::SeqCst) < closes {
+                assert!(Instant::now() < deadline, "the target never closed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
         assert_eq!(server.connections.load(Ordering::SeqCst), 3);
     }
