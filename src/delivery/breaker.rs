@@ -5,7 +5,14 @@
 //! credit if nothing is in hand, so a probe can always be made); its success closes the
 //! breaker, its failure opens it again. A probe permit that is dropped unused (its task was
 //! aborted, the worker is stopping) gives the probe slot back.
+//!
+//! The probe goes to the POST that has waited longest: waiters take a ticket in arrival order,
+//! and a POST that fails its probe and tries again queues behind the others. Without that, the
+//! order in which waiting POSTs happen to be polled decides, and inside one task that order is
+//! the same every time: one message that keeps failing would take every probe and the messages
+//! behind it would never be tried.
 
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -40,6 +47,10 @@ struct Inner {
     consecutive_failures: u32,
     opened_at: Instant,
     probe_out: bool,
+    /// Tickets of the POSTs waiting for an open or half-open breaker; the lowest takes the
+    /// probe.
+    waiting: BTreeSet<u64>,
+    next_ticket: u64,
 }
 
 #[derive(Debug)]
@@ -73,6 +84,32 @@ impl Permit<'_> {
     }
 }
 
+/// What a waiting POST does after a look at the breaker.
+enum Next {
+    Take(PermitKind),
+    WaitUntilHalfOpen(Duration),
+    WaitForChange,
+}
+
+/// A waiting POST's place in line, given up when it is dropped (the POST got its permit, or its
+/// caller stopped waiting).
+struct Ticket<'a> {
+    breaker: &'a CircuitBreaker,
+    number: u64,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.breaker.lock();
+        let was_first = inner.waiting.first() == Some(&self.number);
+        inner.waiting.remove(&self.number);
+        // The next in line may be waiting for a free probe that this one held back.
+        if was_first && inner.state == BreakerState::HalfOpen && !inner.probe_out {
+            self.breaker.changes.send_replace(inner.state);
+        }
+    }
+}
+
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if !self.reported && self.kind == PermitKind::Probe {
@@ -91,6 +128,8 @@ impl CircuitBreaker {
                 consecutive_failures: 0,
                 opened_at: Instant::now(),
                 probe_out: false,
+                waiting: BTreeSet::new(),
+                next_ticket: 0,
             }),
             changes: watch::channel(BreakerState::Closed).0,
         }
@@ -142,43 +181,63 @@ impl CircuitBreaker {
         }
     }
 
-    /// Waits until a POST may be made. Cancel-safe: a caller dropped while waiting holds
-    /// nothing.
+    /// Waits until a POST may be made; the probe of a half-open breaker goes to the POST that
+    /// has waited longest. Cancel-safe: a caller dropped while waiting holds nothing.
     pub async fn acquire(&self) -> Permit<'_> {
         // The common case, a closed breaker, costs one uncontended lock.
         if self.lock().state == BreakerState::Closed {
             return self.permit(PermitKind::Normal);
         }
+        let mut ticket: Option<Ticket<'_>> = None;
         loop {
             // Subscribe before looking, so a change between the look and the wait wakes us.
             let mut changes = self.changes.subscribe();
             changes.borrow_and_update();
-            let wait = {
+            let next = {
                 let mut inner = self.lock();
                 if inner.state == BreakerState::Open && inner.opened_at.elapsed() >= self.open_for {
                     self.set(&mut inner, BreakerState::HalfOpen);
                 }
-                match inner.state {
-                    BreakerState::Closed => return self.permit(PermitKind::Normal),
-                    BreakerState::HalfOpen if !inner.probe_out => {
-                        inner.probe_out = true;
-                        return self.permit(PermitKind::Probe);
+                let number = match &ticket {
+                    Some(ticket) => ticket.number,
+                    None => {
+                        let number = inner.next_ticket;
+                        inner.next_ticket = number.wrapping_add(1);
+                        inner.waiting.insert(number);
+                        ticket = Some(Ticket {
+                            breaker: self,
+                            number,
+                        });
+                        number
                     }
-                    BreakerState::HalfOpen => None,
-                    BreakerState::Open => Some(
+                };
+                let first_in_line = inner.waiting.first() == Some(&number);
+                match inner.state {
+                    BreakerState::Closed => Next::Take(PermitKind::Normal),
+                    BreakerState::HalfOpen if !inner.probe_out && first_in_line => {
+                        inner.probe_out = true;
+                        Next::Take(PermitKind::Probe)
+                    }
+                    BreakerState::HalfOpen => Next::WaitForChange,
+                    BreakerState::Open => Next::WaitUntilHalfOpen(
                         (inner.opened_at + self.open_for).saturating_duration_since(Instant::now()),
                     ),
                 }
             };
-            match wait {
-                Some(d) if !d.is_zero() => {
+            match next {
+                Next::Take(kind) => {
+                    // The ticket is given up here, after the lock above was released.
+                    drop(ticket);
+                    return self.permit(kind);
+                }
+                Next::WaitUntilHalfOpen(d) if d.is_zero() => {}
+                Next::WaitUntilHalfOpen(d) => {
                     tokio::select! {
                         _ = tokio::time::sleep(d) => {}
                         _ = changes.changed() => {}
                     }
                 }
-                Some(_) => {}
-                None => {
+                Next::WaitForChange => {
                     let _ = changes.changed().await;
                 }
             }
@@ -312,5 +371,62 @@ mod tests {
         assert_eq!(b.state(), BreakerState::HalfOpen);
         assert_eq!(b.half_opens_at(), None);
         assert_eq!(b.acquire().await.kind(), PermitKind::Probe);
+    }
+
+    /// One task polls every waiting POST (as the receive loop does): a message that fails
+    /// every probe must not take every probe while the others wait.
+    #[tokio::test(start_paused = true)]
+    async fn the_probe_goes_to_the_longest_waiter_not_the_one_polled_first() {
+        use futures_util::StreamExt;
+        use futures_util::stream::FuturesUnordered;
+        use std::cell::RefCell;
+
+        let b = breaker(1, 100);
+        b.acquire().await.record(Health::Down);
+        let probes = RefCell::new(Vec::new());
+        let started = Instant::now();
+        let post = |name: &'static str, healthy: bool| {
+            let (b, probes) = (&b, &probes);
+            async move {
+                // A bounded number of tries: the one that always fails gives up in the end.
+                for _ in 0..20 {
+                    let permit = b.acquire().await;
+                    if permit.kind() == PermitKind::Probe {
+                        probes.borrow_mut().push(name);
+                    }
+                    if healthy {
+                        permit.record(Health::Up);
+                        return (name, started.elapsed());
+                    }
+                    permit.record(Health::Down);
+                }
+                (name, started.elapsed())
+            }
+        };
+        let mut posts = FuturesUnordered::new();
+        posts.push(post("bad", false));
+        posts.push(post("first-good", true));
+        posts.push(post("second-good", true));
+        let mut finished = Vec::new();
+        while let Some((name, after)) = posts.next().await {
+            finished.push((name, after));
+        }
+        drop(posts);
+        let probes = probes.into_inner();
+        assert_eq!(
+            probes.get(..2),
+            Some(&["bad", "first-good"][..]),
+            "the probe goes in order of waiting: {probes:?}"
+        );
+        for good in ["first-good", "second-good"] {
+            let after = finished
+                .iter()
+                .find(|(name, _)| *name == good)
+                .map(|(_, after)| *after);
+            assert!(
+                after.is_some_and(|after| after < Duration::from_millis(500)),
+                "{good} waited behind the failing message: {finished:?}"
+            );
+        }
     }
 }
