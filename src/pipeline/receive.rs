@@ -1,14 +1,17 @@
-//! One link's receive loop: take messages up to `max_in_flight`, deliver each (inline at
-//! `max_in_flight` 1, else in its own task), settle each as it finishes, and keep link credit
-//! in step with the breaker. A panic while handling one message settles that message
-//! (rejected, with the reason) and the loop goes on. Ends on a stop signal or a link failure.
+//! One link's receive loop: take messages up to `max_in_flight`, deliver them (the POSTs
+//! under way polled by the loop's own task, none in a task of its own), settle each as it
+//! finishes, and keep link credit in step with the breaker. A panic while handling one
+//! message settles that message (rejected, with the reason) and the loop goes on. Ends on a
+//! stop signal or a link failure.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use fe2o3_amqp::types::messaging::{Body, Message};
 use fe2o3_amqp::types::primitives::Value;
-use tokio::task::JoinSet;
-use tracing::Instrument;
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::amqp::error::LinkError;
 use crate::amqp::link::Incoming;
@@ -48,7 +51,7 @@ pub struct LoopParts<'a> {
     pub settle_batching: SettleBatching,
 }
 
-/// What a delivery task gives back: one message's outcome, or each of a batch's.
+/// What a delivery gives back: one message's outcome, or each of a batch's.
 enum Done<D> {
     One(Finished<D>),
     Batch(Vec<Finished<D>>),
@@ -64,26 +67,34 @@ impl<D> Done<D> {
     }
 }
 
+/// A delivery under way. The loop polls these itself (a `FuturesUnordered`) rather than
+/// spawning a task each: measured, a task per message cost a spawn, a join and most often a
+/// wake-up across the two worker threads. Boxed: a POST under way takes ~1.6 KB, and the set
+/// moves only pointers.
+type Delivering<'a, D> = Pin<Box<dyn Future<Output = Done<D>> + Send + 'a>>;
+
 /// Starts the POSTs of the batches ready to go, while POST slots are free.
-fn send_ready<D: Send + 'static>(
+fn send_ready<'a, D: Send + 'a>(
     gathering: &mut Gathering<D>,
-    in_flight: &mut JoinSet<Done<D>>,
+    in_flight: &mut FuturesUnordered<Delivering<'a, D>>,
     max_in_flight: usize,
-    dispatcher: &Arc<Dispatcher>,
-    signals: &StopSignals,
+    dispatcher: &'a Dispatcher,
+    signals: &'a StopSignals,
 ) {
     let now = tokio::time::Instant::now();
     while in_flight.len() < max_in_flight {
         let Some(ready) = gathering.next_ready(now) else {
             return;
         };
-        let dispatcher = Arc::clone(dispatcher);
-        let signals = signals.clone();
-        // Boxed, as the single-message tasks below are.
-        in_flight.spawn(Box::pin(
-            async move { Done::Batch(batch::deliver(&dispatcher, ready, &signals).await) }
-                .instrument(tracing::Span::current()),
-        ));
+        in_flight.push(Box::pin(async move {
+            let delivering = std::pin::pin!(batch::deliver(dispatcher, ready, signals));
+            // A panic here loses the batch's deliveries with its future: unsettled, they go
+            // back to the broker with the link. The loop itself goes on.
+            Done::Batch(CatchUnwind(delivering).await.unwrap_or_else(|reason| {
+                tracing::error!(panic = %reason, "a batch POST panicked; its messages stay unsettled until the link ends");
+                Vec::new()
+            }))
+        }));
     }
 }
 
@@ -109,9 +120,8 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
     } = parts;
     let replies = dispatcher.policy().reply;
     let max_in_flight = dispatcher.policy().max_in_flight as usize;
-    // Each task returns its delivery with the outcome, a panic included (caught inside), so
-    // only an aborted task (after a link failure, when nothing can be settled) returns none.
-    let mut in_flight: JoinSet<Done<L::Delivery>> = JoinSet::new();
+    // Each returns its delivery with the outcome, a panic included (caught inside).
+    let mut in_flight: FuturesUnordered<Delivering<'_, L::Delivery>> = FuturesUnordered::new();
     // With `delivery.batch`, messages gather while batches are under way (the link credit
     // bounds them) and at most `max_in_flight` batch POSTs run at once.
     let mut gathering = dispatcher.policy().batch.map(Gathering::new);
@@ -127,19 +137,18 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
     }
     let end = loop {
         let half_opens_at = dispatcher.breaker.half_opens_at();
-        // Only cancel-safe futures here: `cancelled`, `join_next`, `changed`, `sleep`
-        // and `recv` (fe2o3-amqp #22). The POSTs run in their own tasks, or inline below.
+        // Only cancel-safe futures here: `cancelled`, `next`, `changed`, `sleep` and `recv`
+        // (fe2o3-amqp #22). The POSTs under way are polled by `next`, or inline below.
         tokio::select! {
             biased;
             _ = signals.stop.cancelled() => {
                 break if signals.remove.is_cancelled() { LinkEnd::Removed } else { LinkEnd::Stopped };
             }
-            Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                 // POSTs that finished meanwhile are settled with it, their accepts batched.
-                // A task is only cancelled with its link, so a join error settles nothing.
-                let finished: Vec<Finished<L::Delivery>> = std::iter::once(joined)
-                    .chain(std::iter::from_fn(|| in_flight.try_join_next()))
-                    .filter_map(Result::ok)
+                // (Polled without a waker: the next turn polls the set again with one.)
+                let finished: Vec<Finished<L::Delivery>> = std::iter::once(done)
+                    .chain(std::iter::from_fn(|| in_flight.next().now_or_never().flatten()))
                     .flat_map(Done::into_finished)
                     .collect();
                 if let Err(e) = settle_finished(link, telemetry, &mut accepts, finished).await {
@@ -217,10 +226,10 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                 let plan = reply::plan(replies, &message);
                 drop(message);
                 if max_in_flight == 1 {
-                    // One at a time: deliver on this task and save a spawn and a cross-thread
-                    // wake-up per message. The breaker is still followed meanwhile. Boxed: one
-                    // allocation per message, where inline the POST's future would make every
-                    // idle enrollment's loop as large as a POST under way.
+                    // One at a time: deliver right here, saving the set's bookkeeping and a
+                    // turn of the loop per message. The breaker is still followed meanwhile.
+                    // Boxed: one allocation per message, where inline the POST's future would
+                    // make every idle enrollment's loop as large as a POST under way.
                     let mut delivering = Box::pin(reply::deliver(
                         dispatcher,
                         &request,
@@ -255,39 +264,31 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
                     }
                     continue;
                 }
-                let dispatcher = Arc::clone(dispatcher);
-                let signals = signals.clone();
-                let replier = replier.cloned();
-                // Boxed: tokio moves a task's future by value through spawn and into its cell,
-                // and its stage (future or output) again on completion; with a box each move
-                // copies a pointer instead of the ~1.6 KB a POST under way takes.
-                in_flight.spawn(Box::pin(
-                    async move {
-                        let delivering = std::pin::pin!(reply::deliver(
-                            &dispatcher,
-                            &request,
-                            plan.as_ref(),
-                            replier.as_ref(),
-                            &signals
-                        ));
-                        let outcome = CatchUnwind(delivering)
-                            .await
-                            .unwrap_or_else(|reason| panicked("delivery", reason));
-                        Done::One((delivery, outcome))
-                    }
-                    // Keeps the enrollment id and queue on the delivery's log lines.
-                    .instrument(tracing::Span::current()),
-                ));
+                // Polled within the loop's task, so within its span: the enrollment id and
+                // queue stay on the delivery's log lines.
+                in_flight.push(Box::pin(async move {
+                    let delivering = std::pin::pin!(reply::deliver(
+                        dispatcher,
+                        &request,
+                        plan.as_ref(),
+                        replier,
+                        signals
+                    ));
+                    let outcome = CatchUnwind(delivering)
+                        .await
+                        .unwrap_or_else(|reason| panicked("delivery", reason));
+                    Done::One((delivery, outcome))
+                }));
             }
         }
     };
     // Stopping: deliveries waiting on a retry or the breaker hand back at once; POSTs under
     // way finish (shutdown) or are abandoned (removal, the shutdown deadline); each is settled
     // before the link goes. After a link failure the settlements cannot reach the broker,
-    // which takes the messages back with the link, so the tasks are aborted.
+    // which takes the messages back with the link, so the POSTs are dropped.
     let link_failed = matches!(end, LinkEnd::Failed(_));
     if link_failed {
-        in_flight.abort_all();
+        in_flight.clear();
     } else {
         if let Err(e) = accepts.flush(link, telemetry).await {
             tracing::debug!(error = %e, "settling while stopping failed");
@@ -301,13 +302,7 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
             }
         }
     }
-    while let Some(joined) = in_flight.join_next().await {
-        let Ok(done) = joined else {
-            continue;
-        };
-        if link_failed {
-            continue;
-        }
+    while let Some(done) = in_flight.next().await {
         for (delivery, outcome) in done.into_finished() {
             if let Err(e) = settle_one(link, telemetry, delivery, outcome).await {
                 tracing::debug!(error = %e, "settling while stopping failed");
@@ -319,6 +314,9 @@ pub async fn receive_loop<L: Link>(parts: LoopParts<'_>, link: &mut L) -> LinkEn
     end
 }
 
+/// A fresh timer each turn, on purpose: one kept across turns (tried) saved an eventfd write
+/// per turn but stayed armed through an inline POST at `max_in_flight` 1 and woke the loop
+/// in the middle of it: half again the daemon's CPU per message there.
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
