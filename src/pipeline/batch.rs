@@ -13,6 +13,7 @@ use crate::delivery::post::age_since;
 use crate::delivery::request::PushRequest;
 use crate::enrollment::batch::BatchPolicy;
 use crate::pipeline::settle::Finished;
+use crate::pipeline::timer::KeptTimer;
 use crate::shutdown::StopSignals;
 
 /// Messages sealed into one POST.
@@ -47,6 +48,8 @@ pub struct Gathering<D> {
     current: Batch<D>,
     bytes: u64,
     due_at: Option<Instant>,
+    /// `due_at`'s timer, kept across the loop's turns (see [`KeptTimer`]).
+    timer: KeptTimer,
     sealed: VecDeque<Batch<D>>,
 }
 
@@ -57,6 +60,7 @@ impl<D> Gathering<D> {
             current: Batch::with_capacity(policy.max_messages as usize),
             bytes: 0,
             due_at: None,
+            timer: KeptTimer::default(),
             sealed: VecDeque::new(),
         }
     }
@@ -71,6 +75,7 @@ impl<D> Gathering<D> {
         let batch = std::mem::replace(&mut self.current, Batch::with_capacity(capacity));
         self.bytes = 0;
         self.due_at = None;
+        self.timer.disarm();
         self.sealed.push_back(batch);
     }
 
@@ -98,6 +103,11 @@ impl<D> Gathering<D> {
         self.due_at
     }
 
+    /// Resolves when the batch being gathered is due; never while it is empty. Cancel-safe.
+    pub async fn due(&mut self) {
+        self.timer.until(self.due_at).await
+    }
+
     /// The next batch ready to be sent: a sealed one, else the current one when it is full or
     /// due.
     pub fn next_ready(&mut self, now: Instant) -> Option<Batch<D>> {
@@ -121,6 +131,7 @@ impl<D> Gathering<D> {
         self.current.requests.clear();
         self.bytes = 0;
         self.due_at = None;
+        self.timer.disarm();
         out
     }
 }

@@ -8,6 +8,7 @@
 //! - [`settle`]: the one table outcome → disposition + label; batched accepts.
 //! - [`batch`]: batched POSTs: gathering messages into batches, one outcome per message.
 //! - [`credit`]: link credit that follows the breaker.
+//! - [`timer`]: the loop's deadline timers, kept across its turns.
 //! - [`catch`]: one message's panic kept to that message.
 
 pub mod batch;
@@ -17,6 +18,7 @@ pub mod link;
 pub mod receive;
 pub mod reply;
 pub mod settle;
+pub mod timer;
 pub mod worker;
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use crate::amqp::outcome::Disposition;
 use crate::delivery::dispatcher::DeliveryOutcome;
 use crate::enrollment::outcome::FailureOutcome;
 use crate::pipeline::link::Link;
+use crate::pipeline::timer::KeptTimer;
 use crate::telemetry::EnrollmentTelemetry;
 use crate::telemetry::events::{BatchAccepted, InFlightChanged, MessageAged, MessageSettled};
 use crate::telemetry::metrics::OutcomeLabel;
@@ -92,6 +93,8 @@ pub struct AcceptBuffer<D> {
     max: usize,
     delay: Duration,
     flush_at: Option<Instant>,
+    /// Kept across the loop's turns (see [`KeptTimer`]).
+    timer: KeptTimer,
 }
 
 impl<D> AcceptBuffer<D> {
@@ -110,6 +113,7 @@ impl<D> AcceptBuffer<D> {
             max,
             delay: batching.delay,
             flush_at: None,
+            timer: KeptTimer::default(),
         }
     }
 
@@ -132,6 +136,23 @@ impl<D> AcceptBuffer<D> {
         self.flush_at
     }
 
+    /// Resolves when the oldest waiting accept is due; never while nothing waits.
+    /// Cancel-safe.
+    pub async fn due(&mut self) {
+        self.timer.until(self.flush_at).await
+    }
+
+    /// Whether the oldest waiting accept is due at `now`.
+    pub fn is_due(&self, now: Instant) -> bool {
+        self.flush_at.is_some_and(|at| at <= now)
+    }
+
+    /// Drops the timer of [`Self::due`] until the next wait for it: armed while nobody
+    /// waits, it would wake the loop for nothing (the inline POST at `max_in_flight` 1).
+    pub fn disarm(&mut self) {
+        self.timer.disarm();
+    }
+
     pub fn len(&self) -> usize {
         self.deliveries.len()
     }
@@ -147,6 +168,7 @@ impl<D> AcceptBuffer<D> {
         telemetry: &EnrollmentTelemetry,
     ) -> Result<(), LinkError> {
         self.flush_at = None;
+        self.timer.disarm();
         if self.deliveries.is_empty() {
             return Ok(());
         }

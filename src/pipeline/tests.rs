@@ -385,3 +385,45 @@ async fn no_more_posts_run_at_once_than_max_in_flight() {
     w.signals.stop.cancel();
     w.end().await;
 }
+
+#[tokio::test]
+async fn at_one_in_flight_an_accept_due_during_a_post_goes_out_when_it_ends() {
+    let target = Target::default();
+    let url = serve(target.clone()).await;
+    let broker = FakeBroker::new(FailureOutcome::Released);
+    let live = live(&url, json!({"max_in_flight": 1}));
+    let signals = StopSignals::default();
+    let mut context = context(&broker);
+    // Due long before the slow POST (300 ms) ends.
+    context.settle_batching = SettleBatching {
+        max: 64,
+        delay: Duration::from_millis(20),
+    };
+    let task = tokio::spawn(run(
+        context,
+        Arc::clone(&live),
+        signals.clone(),
+        live.status.next_generation(),
+    ));
+    let w = Worker {
+        broker,
+        live,
+        signals,
+        task,
+    };
+    w.broker.push("ok");
+    w.broker.push("slow");
+    assert_eq!(
+        w.settled(2).await,
+        [(0, Disposition::Accept), (1, Disposition::Accept)]
+    );
+    w.signals.stop.cancel();
+    let calls = w.end().await;
+    let accepts: Vec<_> = calls
+        .iter()
+        .filter(|c| matches!(c, Call::AcceptAll(_) | Call::Settle(..)))
+        .collect();
+    // No timer woke the loop in the middle of the POST: the first accept waited for it and
+    // both went out as one range.
+    assert_eq!(accepts, [&Call::AcceptAll(vec![0, 1])]);
+}
