@@ -16,7 +16,8 @@ use crate::enrollment::target::{TargetAllowlist, TargetPolicy};
 use crate::fleet::registry::{Created, Registry};
 use crate::fleet::supervisor::Supervisor;
 use crate::pipeline::fake::{Call, FakeBroker, FakeOpener, settlements};
-use crate::pipeline::tests::{Target, context, serve};
+use crate::pipeline::test_target::{Target, serve};
+use crate::pipeline::tests::context;
 use crate::store::{EnrollmentStore, SqliteStore};
 
 const WAIT: Duration = Duration::from_secs(10);

@@ -24,6 +24,8 @@ pub mod worker;
 #[cfg(test)]
 pub(crate) mod fake;
 #[cfg(test)]
+pub(crate) mod test_target;
+#[cfg(test)]
 pub(crate) mod tests;
 
 pub use link::{AmqpOpener, Link, LinkOpener};

@@ -1,14 +1,11 @@
 //! The worker driven through a fake link (no broker): the settlement each answer earns, credit
 //! following the breaker, how a link ends, reconnects, and the in-flight bound. The target is
-//! a real HTTP server on loopback that answers by the message body.
+//! a real HTTP server on loopback that answers by the message body (`test_target`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::StatusCode;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
@@ -22,59 +19,12 @@ use crate::enrollment::settings::DeliverySettings;
 use crate::enrollment::status::{BreakerState, WorkerState};
 use crate::pipeline::fake::{Call, FakeBroker, FakeOpener, settlements};
 use crate::pipeline::settle::SettleBatching;
+use crate::pipeline::test_target::{Target, serve};
 use crate::pipeline::worker::{WorkerContext, WorkerEnd, run};
 use crate::shutdown::StopSignals;
 use crate::telemetry::metrics::Metrics;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Answers by body: `ok` 200, `reject` 422, `drop` 404, `fail` 400, `slow` 200 after 300 ms;
-/// a non-zero `forced` status overrides them all.
-#[derive(Clone, Default)]
-pub(crate) struct Target {
-    pub forced: Arc<AtomicU16>,
-    pub posts: Arc<AtomicUsize>,
-    pub running: Arc<AtomicUsize>,
-    pub most_running: Arc<AtomicUsize>,
-}
-
-async fn answer(State(t): State<Target>, body: Bytes) -> StatusCode {
-    t.posts.fetch_add(1, Ordering::SeqCst);
-    let now = t.running.fetch_add(1, Ordering::SeqCst) + 1;
-    t.most_running.fetch_max(now, Ordering::SeqCst);
-    let forced = t.forced.load(Ordering::SeqCst);
-    let status = if forced != 0 {
-        forced
-    } else {
-        match &body[..] {
-            b"reject" => 422,
-            b"drop" => 404,
-            b"fail" => 400,
-            b"slow" => {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                200
-            }
-            _ => 200,
-        }
-    };
-    t.running.fetch_sub(1, Ordering::SeqCst);
-    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-}
-
-/// Serves the target on a loopback port for the rest of the test; returns its URL.
-pub(crate) async fn serve(target: Target) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = axum::Router::new()
-        .route("/hook", axum::routing::post(answer))
-        .with_state(target);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    format!("http://{addr}/hook")
-}
 
 pub(crate) fn live(target_url: &str, delivery: serde_json::Value) -> Arc<LiveEnrollment> {
     let enrollment = Enrollment {
@@ -112,12 +62,24 @@ struct Worker {
 }
 
 async fn start(target: &Target, outcome: FailureOutcome, delivery: serde_json::Value) -> Worker {
+    start_with(target, outcome, delivery, SettleBatching::OFF).await
+}
+
+async fn start_with(
+    target: &Target,
+    outcome: FailureOutcome,
+    delivery: serde_json::Value,
+    settle_batching: SettleBatching,
+) -> Worker {
     let url = serve(target.clone()).await;
     let broker = FakeBroker::new(outcome);
     let live = live(&url, delivery);
     let signals = StopSignals::default();
     let task = tokio::spawn(run(
-        context(&broker),
+        WorkerContext {
+            settle_batching,
+            ..context(&broker)
+        },
         Arc::clone(&live),
         signals.clone(),
         live.status.next_generation(),
@@ -388,29 +350,19 @@ async fn no_more_posts_run_at_once_than_max_in_flight() {
 
 #[tokio::test]
 async fn at_one_in_flight_an_accept_due_during_a_post_goes_out_when_it_ends() {
-    let target = Target::default();
-    let url = serve(target.clone()).await;
-    let broker = FakeBroker::new(FailureOutcome::Released);
-    let live = live(&url, json!({"max_in_flight": 1}));
-    let signals = StopSignals::default();
-    let mut context = context(&broker);
     // Due long before the slow POST (300 ms) ends.
-    context.settle_batching = SettleBatching {
+    let batching = SettleBatching {
         max: 64,
         delay: Duration::from_millis(20),
     };
-    let task = tokio::spawn(run(
-        context,
-        Arc::clone(&live),
-        signals.clone(),
-        live.status.next_generation(),
-    ));
-    let w = Worker {
-        broker,
-        live,
-        signals,
-        task,
-    };
+    let target = Target::default();
+    let w = start_with(
+        &target,
+        FailureOutcome::Released,
+        json!({"max_in_flight": 1}),
+        batching,
+    )
+    .await;
     w.broker.push("ok");
     w.broker.push("slow");
     assert_eq!(
