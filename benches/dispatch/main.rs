@@ -25,6 +25,8 @@
 //!   pooled connections with `BENCH_SCALE_POOLED_LINKS` (64) links per session.
 //! - `BENCH_ONLY`: a comma-separated subset of `ceiling`, `throughput` (runs the ceiling too),
 //!   `isolation`, `latency`, `publish`, `scale`.
+//! - `BENCH_ROUNDS` (3): how many times the ceiling and the throughput rows run, one after
+//!   the other; the table gives medians and each round's ratio to its own ceiling.
 //! - `BENCH_CASES`: a comma-separated subset of the throughput rows by label
 //!   (`single-mif1`, `single-mif16`, `single-mif32`, `single-defaults-mif32`,
 //!   `single-batched`, `eight-mif1`, `eight-mif16`).
@@ -145,12 +147,19 @@ async fn preflight(s: &Settings, mgmt: &Management) -> Result<()> {
 
 async fn run_all(s: &Settings, mgmt: &Management, report: &mut Report) -> Result<()> {
     preflight(s, mgmt).await?;
-    // The throughput rows are read against the ceiling, so it runs whenever they do.
-    if s.wants("ceiling") || s.wants("throughput") {
-        ceiling::run(s, mgmt, report).await?;
-    }
-    if s.wants("throughput") {
-        throughput::run(s, mgmt, report).await;
+    // The throughput rows are read against the ceiling of their own round, so it runs
+    // whenever they do.
+    for round in 0..s.rounds {
+        report.round = round;
+        if s.rounds > 1 {
+            println!("\n# round {} of {}", round + 1, s.rounds);
+        }
+        if s.wants("ceiling") || s.wants("throughput") {
+            ceiling::run(s, mgmt, report).await?;
+        }
+        if s.wants("throughput") {
+            throughput::run(s, mgmt, report).await;
+        }
     }
     if s.wants("isolation") {
         isolation::run(s, mgmt, report).await;
@@ -192,8 +201,9 @@ async fn main() -> ExitCode {
         "The RabbitMQ broker, the HTTP target (in this process) and the publisher run on the same machine beside the daemon, and share its CPUs."
     );
     println!(
-        "Settings: BENCH_MESSAGES={} BENCH_PREFETCH={} BENCH_LATENCY_RATE={} BENCH_LATENCY_SECS={} BENCH_SCALE={} BENCH_SCALE_ENROLLMENTS={} BENCH_SCALE_POOL={} BENCH_SCALE_POOLED_ENROLLMENTS={} BENCH_SCALE_POOLED_POOL={} BENCH_SCALE_POOLED_LINKS={} BENCH_CLK_TCK={}; daemon {}; queues bench-{}-*",
+        "Settings: BENCH_MESSAGES={} BENCH_ROUNDS={} BENCH_PREFETCH={} BENCH_LATENCY_RATE={} BENCH_LATENCY_SECS={} BENCH_SCALE={} BENCH_SCALE_ENROLLMENTS={} BENCH_SCALE_POOL={} BENCH_SCALE_POOLED_ENROLLMENTS={} BENCH_SCALE_POOLED_POOL={} BENCH_SCALE_POOLED_LINKS={} BENCH_CLK_TCK={}; daemon {}; queues bench-{}-*",
         settings.messages,
+        settings.rounds,
         settings.prefetch,
         settings.latency_rate,
         settings.latency_secs,

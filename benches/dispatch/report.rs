@@ -9,9 +9,11 @@ use crate::process::Daemon;
 use crate::procstat::machine;
 use crate::settings::Settings;
 
-/// One line of the results table.
+/// One measurement behind a line of the results table: a row is measured once per round.
 pub struct Row {
     pub name: String,
+    /// The round it was measured in, which picks the ceiling it is read against.
+    pub round: usize,
     pub rate: f64,
     /// Daemon (or, for the ceiling, receiver) CPU seconds per 10,000 messages.
     pub cpu_per_10k: Option<f64>,
@@ -33,8 +35,10 @@ pub struct Measured {
 
 #[derive(Default)]
 pub struct Report {
-    /// The faster bare receiver's rate, which the table's ratios are read against.
-    pub ceiling: Option<f64>,
+    /// The round under way (`BENCH_ROUNDS`): the ceiling and then every throughput row.
+    pub round: usize,
+    /// Each round's faster bare receiver, which that round's rows are read against.
+    pub ceilings: Vec<f64>,
     pub rows: Vec<Row>,
     /// One summary line per scenario that is not a table row (isolation, latency, scale).
     pub lines: Vec<String>,
@@ -69,6 +73,7 @@ impl Report {
         match outcome {
             Ok(m) => self.rows.push(Row {
                 name,
+                round: self.round,
                 rate: m.rate,
                 cpu_per_10k: Some(m.cpu_per_10k),
                 peak_rss_mib: Some(m.peak_rss_mib),
@@ -93,29 +98,7 @@ impl Report {
             s.prefetch
         );
         if !self.rows.is_empty() {
-            println!(
-                "| scenario | msg/s | ratio to ceiling | broker µs/msg | daemon (or receiver) µs/msg | target µs/msg | peak RSS MiB |"
-            );
-            println!("|---|---:|---:|---:|---:|---:|---:|");
-            let us = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.1}"));
-            for row in &self.rows {
-                let ratio = self
-                    .ceiling
-                    .map_or("—".into(), |c| format!("{:.2}", row.rate / c));
-                // CPU s per 10k messages is 100 µs per message per unit.
-                let cpu = us(row.cpu_per_10k.map(|c| c * 100.0));
-                let rss = row.peak_rss_mib.map_or("—".into(), |r| format!("{r:.1}"));
-                println!(
-                    "| {} | {:.0} | {ratio} | {} | {cpu} | {} | {rss} |",
-                    row.name,
-                    row.rate,
-                    us(row.broker_us),
-                    us(row.target_us)
-                );
-            }
-            println!(
-                "\nThe ceiling is the faster of the two bare receivers (recv + accept per message; they differ only in TCP_NODELAY); their CPU is the bench process's. hot-potato times run from `POST /enroll` to the target's Nth request, and each queue was then checked empty through the management API.\n"
-            );
+            self.print_table();
         }
         for line in &self.lines {
             println!("- {line}");
@@ -142,5 +125,80 @@ impl Report {
                 println!("- {f}");
             }
         }
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count); `None` when empty.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
+impl Report {
+    /// One line per row name: medians over the rounds, and each round's ratio to its own
+    /// ceiling, since on two shared cores the ceiling itself moves by a third between rounds.
+    fn print_table(&self) {
+        let rounds = self.ceilings.len().max(1);
+        let mut names: Vec<&str> = Vec::new();
+        for row in &self.rows {
+            if !names.contains(&row.name.as_str()) {
+                names.push(&row.name);
+            }
+        }
+        let per_round = if rounds > 1 {
+            " ratio in each round |"
+        } else {
+            ""
+        };
+        println!(
+            "| scenario | msg/s | ratio to ceiling |{per_round} broker µs/msg | daemon (or receiver) µs/msg | target µs/msg | peak RSS MiB |"
+        );
+        let align = if rounds > 1 { "---|" } else { "" };
+        println!("|---|---:|---:|{align}---:|---:|---:|---:|");
+        let us = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.1}"));
+        for name in names {
+            let rows: Vec<&Row> = self.rows.iter().filter(|r| r.name == name).collect();
+            let ratios: Vec<f64> = rows
+                .iter()
+                .filter_map(|r| self.ceilings.get(r.round).map(|c| r.rate / c))
+                .collect();
+            let pick =
+                |f: fn(&Row) -> Option<f64>| median(rows.iter().filter_map(|r| f(r)).collect());
+            let rate = pick(|r| Some(r.rate)).unwrap_or(f64::NAN);
+            let ratio = median(ratios.clone()).map_or("—".into(), |r| format!("{r:.2}"));
+            let each = if rounds > 1 {
+                let list: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+                format!(" {} |", list.join(", "))
+            } else {
+                String::new()
+            };
+            // CPU s per 10k messages is 100 µs per message per unit.
+            let cpu = us(pick(|r| r.cpu_per_10k.map(|c| c * 100.0)));
+            let rss = rows
+                .iter()
+                .filter_map(|r| r.peak_rss_mib)
+                .reduce(f64::max)
+                .map_or("—".into(), |r| format!("{r:.1}"));
+            println!(
+                "| {name} | {rate:.0} | {ratio} |{each} {} | {cpu} | {} | {rss} |",
+                us(pick(|r| r.broker_us)),
+                us(pick(|r| r.target_us))
+            );
+        }
+        let medians = if rounds > 1 {
+            format!(
+                " {rounds} rounds, each the two bare receivers and then every row: msg/s and µs are medians over the rounds, the ratio is the median of each round's ratio to that round's ceiling, peak RSS the highest."
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "\nThe ceiling is the faster of the two bare receivers (recv + accept per message; they differ only in TCP_NODELAY); their CPU is the bench process's. hot-potato times run from `POST /enroll` to the target's Nth request, and each queue was then checked empty through the management API.{medians}\n"
+        );
     }
 }

@@ -44,6 +44,8 @@ pub struct Settings {
     pub log_dir: PathBuf,
     /// Throughput rows to run (`BENCH_CASES`, their labels), all when empty.
     pub cases: Vec<String>,
+    /// How many times the ceiling and the throughput rows run (`BENCH_ROUNDS`).
+    pub rounds: usize,
 }
 
 fn env_parse<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
@@ -100,6 +102,7 @@ impl Settings {
                 .map(|w| w.trim().to_string())
                 .filter(|w| !w.is_empty())
                 .collect(),
+            rounds: env_parse("BENCH_ROUNDS", 3)?,
         };
         if let Some(unknown) = s.only.iter().find(|w| !SCENARIOS.contains(&w.as_str())) {
             bail!(
@@ -108,6 +111,7 @@ impl Settings {
             );
         }
         ensure!(s.messages >= 10, "BENCH_MESSAGES must be at least 10");
+        ensure!((1..=20).contains(&s.rounds), "BENCH_ROUNDS must be 1..20");
         ensure!(
             (1..=10_000).contains(&s.prefetch),
             "BENCH_PREFETCH must be 1..10000"

@@ -120,6 +120,21 @@ impl Publisher {
         Ok(self.first()?.send_batchable(message).await?)
     }
 
+    /// Sends one message to the `index`th queue given to `connect` without waiting for its
+    /// outcome.
+    pub async fn send_batchable_to<T: SerializableBody>(
+        &mut self,
+        index: usize,
+        message: impl Into<Sendable<T>>,
+    ) -> Result<Confirm> {
+        let count = self.senders.len();
+        let sender = self
+            .senders
+            .get_mut(index)
+            .ok_or_else(|| anyhow!("the publisher has {count} queues, not {}", index + 1))?;
+        Ok(sender.send_batchable(message).await?)
+    }
+
     /// Sends `"prefix-0"`, `"prefix-1"`… as AmqpValue strings to the first queue, pipelined.
     pub async fn send_numbered(&mut self, prefix: &str, range: Range<usize>) -> Result<()> {
         let sender = self.first()?;
