@@ -15,7 +15,7 @@ use hot_potato_testkit::management::Management;
 use crate::DEPTH_LIMIT;
 use crate::load::preload;
 use crate::process::drain_limit;
-use crate::procstat::{broker_pid, cpu_ticks};
+use crate::procstat::{Steal, broker_pid, cpu_ticks};
 use crate::report::{Report, Row};
 use crate::settings::Settings;
 
@@ -28,9 +28,9 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
         "\n== ceiling: bare fe2o3-amqp receiver, {} msgs, credit {}",
         s.messages, s.prefetch
     );
-    let (rate, cpu, broker_us) = ceiling(s, mgmt, false).await.context("ceiling")?;
+    let (rate, cpu, broker_us, steal_pct) = ceiling(s, mgmt, false).await.context("ceiling")?;
     println!("  Connection::open: {rate:.0} msg/s");
-    let (rate_nd, cpu_nd, broker_us_nd) = ceiling(s, mgmt, true)
+    let (rate_nd, cpu_nd, broker_us_nd, steal_pct_nd) = ceiling(s, mgmt, true)
         .await
         .context("ceiling, TCP_NODELAY")?;
     println!("  TCP_NODELAY (as hot-potato connects): {rate_nd:.0} msg/s");
@@ -46,6 +46,7 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
         peak_rss_mib: None,
         broker_us,
         target_us: None,
+        steal_pct,
     });
     report.rows.push(Row {
         name: format!(
@@ -58,6 +59,7 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
         peak_rss_mib: None,
         broker_us: broker_us_nd,
         target_us: None,
+        steal_pct: steal_pct_nd,
     });
     Ok(())
 }
@@ -104,12 +106,13 @@ async fn open_nodelay(
 
 /// The bare receiver: `recv` + `accept` per message, credit `BENCH_PREFETCH`. `nodelay`
 /// opens the connection as hot-potato does instead of with `Connection::open`. Returns the
-/// rate, this process's CPU seconds per 10k messages and the broker's CPU µs per message.
+/// rate, this process's CPU seconds per 10k messages, the broker's CPU µs per message and the
+/// CPU steal over the drain.
 async fn ceiling(
     s: &Settings,
     mgmt: &Management,
     nodelay: bool,
-) -> Result<(f64, f64, Option<f64>)> {
+) -> Result<(f64, f64, Option<f64>, Option<f64>)> {
     let queue = s.queue(if nodelay {
         "ceiling-nodelay"
     } else {
@@ -122,6 +125,7 @@ async fn ceiling(
     let broker = broker_pid();
     let broker0 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
     let ticks0 = cpu_ticks("self")?;
+    let steal = Steal::start();
     let started = Instant::now();
     let drained = tokio::time::timeout(drain_limit(s.messages), async {
         let container_id = format!("bench-ceiling-{}", s.run_id);
@@ -150,6 +154,7 @@ async fn ceiling(
         )
     })??;
     let cpu = s.cpu_secs(cpu_ticks("self")? - ticks0);
+    let steal_pct = steal.pct();
     let broker1 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
     let broker_us = broker0
         .zip(broker1)
@@ -157,5 +162,10 @@ async fn ceiling(
     mgmt.wait_depth(&queue, 0, DEPTH_LIMIT).await?;
     mgmt.delete_queues(vec![queue]).await?;
     let rate = s.messages as f64 / drained.as_secs_f64();
-    Ok((rate, cpu / s.messages as f64 * 10_000.0, broker_us))
+    Ok((
+        rate,
+        cpu / s.messages as f64 * 10_000.0,
+        broker_us,
+        steal_pct,
+    ))
 }

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::ceiling::attach_bare;
 use crate::process::{Daemon, wait_goal};
+use crate::procstat::Steal;
 use crate::report::Report;
 use crate::settings::Settings;
 
@@ -61,11 +62,13 @@ async fn latency(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
     let receiving = tokio::spawn(receive_stamped(receiver, total));
 
     let ticks0 = daemon.cpu_ticks()?;
+    let steal = Steal::start();
     let started = tokio::time::Instant::now();
     let publish_secs = publish_steady(s, &[&queue, &floor_queue], total).await?;
     wait_goal(&mut daemon, &target, total, Duration::from_secs(120)).await?;
     let cpu = s.cpu_secs(daemon.cpu_ticks()? - ticks0);
     let cpu_pct = cpu / started.elapsed().as_secs_f64() * 100.0;
+    let steal_pct = steal.pct().map_or("?".into(), |p| format!("{p:.1}"));
     let mut floor = tokio::time::timeout(Duration::from_secs(60), receiving)
         .await
         .map_err(|_| anyhow!("the bare receiver did not get every latency message in 60 s"))???;
@@ -90,7 +93,7 @@ async fn latency(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
     floor.sort_unstable();
     let (p99, floor_p99) = (percentile(&lat, 99.0), percentile(&floor, 99.0));
     Ok(format!(
-        "Latency (publish → POST at the target, 1 enrollment, max_in_flight 1, {} msg/s for {} s, {total} msgs, published in {publish_secs:.1} s): p50 {:.2} ms, p99 {p99:.2} ms, max {:.2} ms; daemon CPU {cpu_pct:.1} % of one core. Broker alone (publish → recv at a bare receiver on a second queue, same publisher and timestamps, side by side): p50 {:.2} ms, p99 {floor_p99:.2} ms, max {:.2} ms; hot-potato's p99 is the broker's + {:.2} ms",
+        "Latency (publish → POST at the target, 1 enrollment, max_in_flight 1, {} msg/s for {} s, {total} msgs, published in {publish_secs:.1} s): p50 {:.2} ms, p99 {p99:.2} ms, max {:.2} ms; daemon CPU {cpu_pct:.1} % of one core. Broker alone (publish → recv at a bare receiver on a second queue, same publisher and timestamps, side by side): p50 {:.2} ms, p99 {floor_p99:.2} ms, max {:.2} ms; hot-potato's p99 is the broker's + {:.2} ms; CPU steal {steal_pct} % of the machine's CPU time",
         s.latency_rate,
         s.latency_secs,
         percentile(&lat, 50.0),

@@ -40,6 +40,43 @@ pub fn status_kb(pid: &str, field: &str) -> Result<u64> {
     kb_line(&status, field).ok_or_else(|| anyhow!("no {field} in /proc/{pid}/status"))
 }
 
+/// The share of the machine's CPU time the hypervisor took (steal) between `start` and now,
+/// from /proc/stat's `cpu` line: on a shared VM it explains a run that is slow throughout.
+pub struct Steal {
+    start: Option<(u64, u64)>,
+}
+
+impl Steal {
+    pub fn start() -> Self {
+        Self {
+            start: machine_ticks(),
+        }
+    }
+
+    /// Percent of all CPU time since `start`; `None` when /proc/stat cannot be read.
+    pub fn pct(&self) -> Option<f64> {
+        let (total0, steal0) = self.start?;
+        let (total1, steal1) = machine_ticks()?;
+        let total = total1.checked_sub(total0).filter(|t| *t > 0)?;
+        Some(steal1.saturating_sub(steal0) as f64 / total as f64 * 100.0)
+    }
+}
+
+/// (all CPU ticks, steal ticks) so far: the first eight fields of the `cpu` line (user to
+/// steal; guest time is already inside user).
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))?
+        .split_whitespace()
+        .take(8)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    let steal = *fields.get(7)?;
+    Some((fields.iter().sum(), steal))
+}
+
 pub fn mib(kb: u64) -> f64 {
     kb as f64 / 1024.0
 }

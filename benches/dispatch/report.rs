@@ -22,6 +22,8 @@ pub struct Row {
     pub broker_us: Option<f64>,
     /// The HTTP target's CPU µs per message (the bench process while the daemon drains).
     pub target_us: Option<f64>,
+    /// The hypervisor's share of the machine's CPU time over the same drain.
+    pub steal_pct: Option<f64>,
 }
 
 /// What one daemon scenario measured.
@@ -31,6 +33,7 @@ pub struct Measured {
     pub peak_rss_mib: f64,
     pub broker_us: Option<f64>,
     pub target_us: Option<f64>,
+    pub steal_pct: Option<f64>,
 }
 
 #[derive(Default)]
@@ -79,6 +82,7 @@ impl Report {
                 peak_rss_mib: Some(m.peak_rss_mib),
                 broker_us: m.broker_us,
                 target_us: m.target_us,
+                steal_pct: m.steal_pct,
             }),
             Err(e) => self.fail(&name, e),
         }
@@ -156,10 +160,10 @@ impl Report {
             ""
         };
         println!(
-            "| scenario | msg/s | ratio to ceiling |{per_round} broker µs/msg | daemon (or receiver) µs/msg | target µs/msg | peak RSS MiB |"
+            "| scenario | msg/s | ratio to ceiling |{per_round} broker µs/msg | daemon (or receiver) µs/msg | target µs/msg | peak RSS MiB | CPU steal % |"
         );
         let align = if rounds > 1 { "---|" } else { "" };
-        println!("|---|---:|---:|{align}---:|---:|---:|---:|");
+        println!("|---|---:|---:|{align}---:|---:|---:|---:|---:|");
         let us = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.1}"));
         for name in names {
             let rows: Vec<&Row> = self.rows.iter().filter(|r| r.name == name).collect();
@@ -185,14 +189,15 @@ impl Report {
                 .reduce(f64::max)
                 .map_or("—".into(), |r| format!("{r:.1}"));
             println!(
-                "| {name} | {rate:.0} | {ratio} |{each} {} | {cpu} | {} | {rss} |",
+                "| {name} | {rate:.0} | {ratio} |{each} {} | {cpu} | {} | {rss} | {} |",
                 us(pick(|r| r.broker_us)),
-                us(pick(|r| r.target_us))
+                us(pick(|r| r.target_us)),
+                us(pick(|r| r.steal_pct))
             );
         }
         let medians = if rounds > 1 {
             format!(
-                " {rounds} rounds, each the two bare receivers and then every row: msg/s and µs are medians over the rounds, the ratio is the median of each round's ratio to that round's ceiling, peak RSS the highest."
+                " {rounds} rounds, each the two bare receivers and then every row: msg/s and µs are medians over the rounds, the ratio is the median of each round's ratio to that round's ceiling, peak RSS the highest, CPU steal the median share of the machine's CPU time the hypervisor took during each drain."
             )
         } else {
             String::new()

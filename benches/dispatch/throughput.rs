@@ -10,7 +10,7 @@ use hot_potato_testkit::target::Target;
 use crate::DEPTH_LIMIT;
 use crate::load::preload;
 use crate::process::{Daemon, drain_limit, wait_goal};
-use crate::procstat::{broker_pid, cpu_ticks, mib};
+use crate::procstat::{Steal, broker_pid, cpu_ticks, mib};
 use crate::report::{Measured, Report};
 use crate::settings::Settings;
 
@@ -109,6 +109,7 @@ async fn throughput(
     let ticks0 = daemon.cpu_ticks()?;
     // The target runs in this process: its CPU is this process's while the daemon drains.
     let target0 = cpu_ticks("self")?;
+    let steal = Steal::start();
     let started = Instant::now();
     for name in &names {
         daemon
@@ -120,6 +121,7 @@ async fn throughput(
     let ticks1 = daemon.cpu_ticks()?;
     let target1 = cpu_ticks("self")?;
     let broker1 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
+    let steal_pct = steal.pct();
     let elapsed = done.duration_since(started).as_secs_f64();
     let peak = daemon.peak_rss_kb()?;
     mgmt.wait_depths(&names, 0, DEPTH_LIMIT).await?;
@@ -161,5 +163,6 @@ async fn throughput(
         peak_rss_mib: mib(peak),
         broker_us: broker_secs.map(per_message_us),
         target_us: Some(per_message_us(target_secs)),
+        steal_pct,
     })
 }
