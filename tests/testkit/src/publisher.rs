@@ -117,7 +117,7 @@ impl Publisher {
         &mut self,
         message: impl Into<Sendable<T>>,
     ) -> Result<Confirm> {
-        Ok(self.first()?.send_batchable(message).await?)
+        self.send_batchable_to(0, message).await
     }
 
     /// Sends one message to the `index`th queue given to `connect` without waiting for its
