@@ -314,7 +314,11 @@ fn content_id(message: &Message<Body<Value>>, body: &[u8]) -> String {
 pub fn body_bytes(body: &Body<Value>) -> (Bytes, Option<&'static str>) {
     match body {
         Body::Data(sections) => {
-            let bytes: Vec<u8> = sections.iter().flat_map(|d| d.0.iter().copied()).collect();
+            // Slice by slice: a byte iterator here showed in the hot path's profile.
+            let mut bytes = Vec::with_capacity(sections.iter().map(|d| d.0.len()).sum());
+            for d in sections.iter() {
+                bytes.extend_from_slice(&d.0);
+            }
             (Bytes::from(bytes), Some(OCTET_STREAM))
         }
         Body::Value(v) => match &v.0 {
@@ -390,6 +394,18 @@ mod tests {
             .filter(|k| k.as_str().starts_with(APP_PROPERTY_PREFIX))
             .map(|k| r.headers.get_all(k).iter().count())
             .sum()
+    }
+
+    #[test]
+    fn data_sections_are_posted_joined_in_order() {
+        let sections = vec![
+            Data(Binary::from(b"ab".to_vec())),
+            Data(Binary::from(Vec::new())),
+            Data(Binary::from(b"cde".to_vec())),
+        ];
+        let (body, content_type) = body_bytes(&Body::Data(sections.into()));
+        assert_eq!(&body[..], b"abcde");
+        assert_eq!(content_type, Some(OCTET_STREAM));
     }
 
     #[test]
