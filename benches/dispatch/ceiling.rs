@@ -11,6 +11,7 @@ use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::{Connection, Receiver, Session};
 use hot_potato_testkit::address;
 use hot_potato_testkit::management::Management;
+use tokio::task::JoinSet;
 
 use crate::DEPTH_LIMIT;
 use crate::load::preload;
@@ -22,47 +23,84 @@ use crate::settings::Settings;
 /// How long one AMQP close step (link, session, connection) may wait for the broker.
 const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
-/// Both bare receivers, as two table rows; the faster is the report's ceiling.
+/// What one bare drain measured.
+struct Drained {
+    rate: f64,
+    /// This process's CPU seconds per 10k messages.
+    cpu_per_10k: f64,
+    broker_us: Option<f64>,
+    steal_pct: Option<f64>,
+}
+
+impl Drained {
+    fn row(self, name: String, round: usize) -> Row {
+        Row {
+            name,
+            round,
+            rate: self.rate,
+            cpu_per_10k: Some(self.cpu_per_10k),
+            peak_rss_mib: None,
+            broker_us: self.broker_us,
+            target_us: None,
+            steal_pct: self.steal_pct,
+        }
+    }
+}
+
+/// Both bare receivers, as two table rows; the faster is the report's ceiling. When a
+/// throughput row of 8 enrollments runs, a third row drains 8 queues the same way, each on its
+/// own connection as those enrollments' are: what the broker hands out from 8 queues.
 pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result<()> {
     println!(
         "\n== ceiling: bare fe2o3-amqp receiver, {} msgs, credit {}",
         s.messages, s.prefetch
     );
-    let (rate, cpu, broker_us, steal_pct) = ceiling(s, mgmt, false).await.context("ceiling")?;
-    println!("  Connection::open: {rate:.0} msg/s");
-    let (rate_nd, cpu_nd, broker_us_nd, steal_pct_nd) = ceiling(s, mgmt, true)
+    let open = ceiling(s, mgmt, false, 1).await.context("ceiling")?;
+    println!("  Connection::open: {:.0} msg/s", open.rate);
+    let nodelay = ceiling(s, mgmt, true, 1)
         .await
         .context("ceiling, TCP_NODELAY")?;
-    println!("  TCP_NODELAY (as hot-potato connects): {rate_nd:.0} msg/s");
-    report.ceilings.push(rate.max(rate_nd));
-    report.rows.push(Row {
-        name: format!(
+    println!(
+        "  TCP_NODELAY (as hot-potato connects): {:.0} msg/s",
+        nodelay.rate
+    );
+    report.ceilings.push(open.rate.max(nodelay.rate));
+    let round = report.round;
+    report.rows.push(open.row(
+        format!(
             "bare fe2o3-amqp receiver, `Connection::open`, credit {}",
             s.prefetch
         ),
-        round: report.round,
-        rate,
-        cpu_per_10k: Some(cpu),
-        peak_rss_mib: None,
-        broker_us,
-        target_us: None,
-        steal_pct,
-    });
-    report.rows.push(Row {
-        name: format!(
+        round,
+    ));
+    report.rows.push(nodelay.row(
+        format!(
             "bare fe2o3-amqp receiver, TCP_NODELAY like hot-potato, credit {}",
             s.prefetch
         ),
-        round: report.round,
-        rate: rate_nd,
-        cpu_per_10k: Some(cpu_nd),
-        peak_rss_mib: None,
-        broker_us: broker_us_nd,
-        target_us: None,
-        steal_pct: steal_pct_nd,
-    });
+        round,
+    ));
+    if s.wants_case("eight-mif1") || s.wants_case("eight-mif16") {
+        let eight = ceiling(s, mgmt, true, EIGHT)
+            .await
+            .context("ceiling, 8 queues")?;
+        println!(
+            "  {EIGHT} queues, a connection each: {:.0} msg/s",
+            eight.rate
+        );
+        report.rows.push(eight.row(
+            format!(
+                "bare fe2o3-amqp receivers, {EIGHT} queues, a TCP_NODELAY connection each, credit {}",
+                s.prefetch
+            ),
+            round,
+        ));
+    }
     Ok(())
 }
+
+/// Queues of the bare many-queue row, as many as the throughput rows with several enrollments.
+const EIGHT: usize = 8;
 
 /// A bare receiver on `queue`: credit topped up automatically, settled by hand.
 pub async fn attach_bare(
@@ -104,53 +142,63 @@ async fn open_nodelay(
     Ok(builder.open_with_stream(stream).await?)
 }
 
-/// The bare receiver: `recv` + `accept` per message, credit `BENCH_PREFETCH`. `nodelay`
-/// opens the connection as hot-potato does instead of with `Connection::open`. Returns the
-/// rate, this process's CPU seconds per 10k messages, the broker's CPU µs per message and the
-/// CPU steal over the drain.
-async fn ceiling(
-    s: &Settings,
-    mgmt: &Management,
-    nodelay: bool,
-) -> Result<(f64, f64, Option<f64>, Option<f64>)> {
-    let queue = s.queue(if nodelay {
-        "ceiling-nodelay"
-    } else {
-        "ceiling"
-    });
-    mgmt.declare_quorum(&queue).await?;
-    preload(s, std::slice::from_ref(&queue), s.messages).await?;
-    mgmt.wait_depth(&queue, s.messages, DEPTH_LIMIT).await?;
+/// The bare receiver: `recv` + `accept` per message, credit `BENCH_PREFETCH`, on each of
+/// `queues` queues of `BENCH_MESSAGES` at once, a connection each. `nodelay` opens the
+/// connections as hot-potato does instead of with `Connection::open`.
+async fn ceiling(s: &Settings, mgmt: &Management, nodelay: bool, queues: usize) -> Result<Drained> {
+    let names: Vec<String> = (0..queues)
+        .map(|i| {
+            let base = if nodelay {
+                "ceiling-nodelay"
+            } else {
+                "ceiling"
+            };
+            if queues == 1 {
+                s.queue(base)
+            } else {
+                s.queue(&format!("{base}-{queues}-{i}"))
+            }
+        })
+        .collect();
+    for name in &names {
+        mgmt.declare_quorum(name).await?;
+    }
+    preload(s, &names, s.messages).await?;
+    mgmt.wait_depths(&names, s.messages, DEPTH_LIMIT).await?;
+    let total = s.messages * queues as u64;
 
     let broker = broker_pid();
     let broker0 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
     let ticks0 = cpu_ticks("self")?;
     let steal = Steal::start();
     let started = Instant::now();
-    let drained = tokio::time::timeout(drain_limit(s.messages), async {
-        let container_id = format!("bench-ceiling-{}", s.run_id);
-        let mut connection = if nodelay {
-            open_nodelay(&s.amqp_url, &container_id).await?
-        } else {
-            Connection::open(container_id, s.amqp_url.as_str()).await?
-        };
-        let mut session = Session::begin(&mut connection).await?;
-        let mut receiver = attach_bare(&mut session, "bench-ceiling", &queue, s.prefetch).await?;
-        for _ in 0..s.messages {
-            let delivery = receiver.recv::<Body<Value>>().await?;
-            receiver.accept(&delivery).await?;
+    let mut drains = JoinSet::new();
+    for (i, queue) in names.iter().enumerate() {
+        let (url, queue, messages) = (s.amqp_url.clone(), queue.clone(), s.messages);
+        let (container_id, prefetch) = (format!("bench-ceiling-{}-{i}", s.run_id), s.prefetch);
+        drains.spawn(drain(
+            started,
+            url,
+            container_id,
+            queue,
+            messages,
+            prefetch,
+            nodelay,
+        ));
+    }
+    let drained = tokio::time::timeout(drain_limit(total), async {
+        let mut last = Duration::ZERO;
+        while let Some(done) = drains.join_next().await {
+            last = last.max(done??);
         }
-        let elapsed = started.elapsed();
-        let _ = tokio::time::timeout(CLOSE_LIMIT, receiver.close()).await;
-        let _ = tokio::time::timeout(CLOSE_LIMIT, session.end()).await;
-        let _ = tokio::time::timeout(CLOSE_LIMIT, connection.close()).await;
-        anyhow::Ok(elapsed)
+        anyhow::Ok(last)
     })
     .await
     .map_err(|_| {
         anyhow!(
-            "the bare receiver did not drain {queue} within {:?}",
-            drain_limit(s.messages)
+            "the bare receivers did not drain {} within {:?}",
+            names.join(", "),
+            drain_limit(total)
         )
     })??;
     let cpu = s.cpu_secs(cpu_ticks("self")? - ticks0);
@@ -158,14 +206,43 @@ async fn ceiling(
     let broker1 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
     let broker_us = broker0
         .zip(broker1)
-        .map(|(a, b)| s.cpu_secs(b - a) / s.messages as f64 * 1e6);
-    mgmt.wait_depth(&queue, 0, DEPTH_LIMIT).await?;
-    mgmt.delete_queues(vec![queue]).await?;
-    let rate = s.messages as f64 / drained.as_secs_f64();
-    Ok((
-        rate,
-        cpu / s.messages as f64 * 10_000.0,
+        .map(|(a, b)| s.cpu_secs(b - a) / total as f64 * 1e6);
+    mgmt.wait_depths(&names, 0, DEPTH_LIMIT).await?;
+    mgmt.delete_queues(names).await?;
+    Ok(Drained {
+        rate: total as f64 / drained.as_secs_f64(),
+        cpu_per_10k: cpu / total as f64 * 10_000.0,
         broker_us,
         steal_pct,
-    ))
+    })
+}
+
+/// One bare receiver draining `messages` from `queue` on its own connection; returns the time
+/// from `started` until its last accept (the clock starts before connecting, as hot-potato's
+/// starts before `POST /enroll`).
+async fn drain(
+    started: Instant,
+    url: String,
+    container_id: String,
+    queue: String,
+    messages: u64,
+    prefetch: u32,
+    nodelay: bool,
+) -> Result<Duration> {
+    let mut connection = if nodelay {
+        open_nodelay(&url, &container_id).await?
+    } else {
+        Connection::open(container_id, url.as_str()).await?
+    };
+    let mut session = Session::begin(&mut connection).await?;
+    let mut receiver = attach_bare(&mut session, "bench-ceiling", &queue, prefetch).await?;
+    for _ in 0..messages {
+        let delivery = receiver.recv::<Body<Value>>().await?;
+        receiver.accept(&delivery).await?;
+    }
+    let elapsed = started.elapsed();
+    let _ = tokio::time::timeout(CLOSE_LIMIT, receiver.close()).await;
+    let _ = tokio::time::timeout(CLOSE_LIMIT, session.end()).await;
+    let _ = tokio::time::timeout(CLOSE_LIMIT, connection.close()).await;
+    Ok(elapsed)
 }
