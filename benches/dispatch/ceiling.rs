@@ -1,7 +1,7 @@
 //! The ceiling: a bare fe2o3-amqp receiver (`recv` + `accept` per message) draining a quorum
 //! queue with the same credit, once over `Connection::open` and once over a TCP_NODELAY
 //! connection as hot-potato opens it. The throughput rows are read against the faster. With
-//! the 8-enrollment rows, 8 queues drained at once, a connection each.
+//! the rows of several enrollments, as many queues drained at once, a connection each.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use crate::process::drain_limit;
 use crate::procstat::{Steal, broker_pid, cpu_ticks};
 use crate::report::{Report, Row};
 use crate::settings::Settings;
+use crate::throughput::wanted_many_queues;
 
 /// How long one AMQP close step (link, session, connection) may wait for the broker.
 const CLOSE_LIMIT: Duration = Duration::from_secs(5);
@@ -49,8 +50,9 @@ impl Drained {
 }
 
 /// Both bare receivers, as two table rows; the faster is the report's ceiling. When a
-/// throughput row of 8 enrollments runs, a third row drains 8 queues the same way, each on its
-/// own connection as those enrollments' are: what the broker hands out from 8 queues.
+/// throughput row of several enrollments runs (8), a third row drains as many queues the same
+/// way, each on its own connection as those enrollments' are: what the broker hands out from
+/// that many queues.
 pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result<()> {
     println!(
         "\n== ceiling: bare fe2o3-amqp receiver, {} msgs, credit {}",
@@ -81,17 +83,17 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
         ),
         round,
     ));
-    if s.wants_case("eight-mif1") || s.wants_case("eight-mif16") {
-        let eight = ceiling(s, mgmt, true, EIGHT)
+    if let Some(queues) = wanted_many_queues(s) {
+        let many = ceiling(s, mgmt, true, queues)
             .await
-            .context("ceiling, 8 queues")?;
+            .with_context(|| format!("ceiling, {queues} queues"))?;
         println!(
-            "  {EIGHT} queues, a connection each: {:.0} msg/s",
-            eight.rate
+            "  {queues} queues, a connection each: {:.0} msg/s",
+            many.rate
         );
-        report.rows.push(eight.row(
+        report.rows.push(many.row(
             format!(
-                "bare fe2o3-amqp receivers, {EIGHT} queues, a TCP_NODELAY connection each, credit {}",
+                "bare fe2o3-amqp receivers, {queues} queues, a TCP_NODELAY connection each, credit {}",
                 s.prefetch
             ),
             round,
@@ -99,9 +101,6 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
     }
     Ok(())
 }
-
-/// Queues of the bare many-queue row, as many as the throughput rows with several enrollments.
-const EIGHT: usize = 8;
 
 /// A bare receiver on `queue`: credit topped up automatically, settled by hand.
 pub async fn attach_bare(

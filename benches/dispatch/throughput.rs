@@ -36,6 +36,16 @@ const CASES: [(&str, usize, Setup); 7] = [
     ("eight-mif16", 8, Setup::Prefetch(16)),
 ];
 
+/// The most queues a wanted row drains at once, when a row drains more than one: the ceiling
+/// then drains that many too.
+pub fn wanted_many_queues(s: &Settings) -> Option<usize> {
+    CASES
+        .iter()
+        .filter(|(label, queues, _)| *queues > 1 && s.wants_case(label))
+        .map(|(_, queues, _)| *queues)
+        .max()
+}
+
 impl Setup {
     fn describe(self) -> String {
         match self {
