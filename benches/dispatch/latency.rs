@@ -15,6 +15,7 @@ use hot_potato_testkit::management::Management;
 use hot_potato_testkit::publisher::{Confirm, Publisher, confirmed};
 use hot_potato_testkit::target::{Target, now_nanos};
 use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::ceiling::attach_bare;
 use crate::process::{Daemon, wait_goal};
@@ -59,7 +60,8 @@ async fn latency(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
     let mut connection = Connection::open(container_id, s.amqp_url.as_str()).await?;
     let mut session = Session::begin(&mut connection).await?;
     let receiver = attach_bare(&mut session, "bench-latency-floor", &floor_queue, 1000).await?;
-    let receiving = tokio::spawn(receive_stamped(receiver, total));
+    // Aborted, not left receiving, when the scenario fails before it is joined.
+    let receiving = AbortOnDropHandle::new(tokio::spawn(receive_stamped(receiver, total)));
 
     let ticks0 = daemon.cpu_ticks()?;
     let steal = Steal::start();
@@ -112,12 +114,12 @@ async fn publish_steady(s: &Settings, queues: &[&str], total: u64) -> Result<f64
     let mut publisher = Publisher::connect(&s.amqp_url, queues).await?;
     // Outcomes are awaited aside, so the publish rate does not wait on the broker.
     let (tx, mut rx) = mpsc::unbounded_channel::<Confirm>();
-    let confirms = tokio::spawn(async move {
+    let confirms = AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some(fut) = rx.recv().await {
             confirmed(fut).await?;
         }
         anyhow::Ok(())
-    });
+    }));
     let interval = Duration::from_secs_f64(1.0 / s.latency_rate as f64);
     let started = tokio::time::Instant::now();
     let sides = queues.len();

@@ -130,20 +130,7 @@ impl Report {
             }
         }
     }
-}
 
-/// The middle value (the mean of the two middle ones for an even count); `None` when empty.
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(values[n / 2]),
-        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
-    }
-}
-
-impl Report {
     /// One line per row name: medians over the rounds, and each round's ratio to its own
     /// ceiling, since on two shared cores the ceiling itself moves by a third between rounds.
     fn print_table(&self) {
@@ -203,7 +190,18 @@ impl Report {
             String::new()
         };
         println!(
-            "\nThe ceiling is the faster of the two bare receivers (recv + accept per message; they differ only in TCP_NODELAY); their CPU is the bench process's. hot-potato times run from `POST /enroll` to the target's Nth request, and each queue was then checked empty through the management API.{medians}\n"
+            "\nThe ceiling is the faster of the two single-queue bare receivers (recv + accept per message; they differ only in TCP_NODELAY); the many-queue bare row, when there, drains as many queues as the rows of several enrollments, a connection each; their CPU is the bench process's. hot-potato times run from `POST /enroll` to the target's Nth request, and each queue was then checked empty through the management API.{medians}\n"
         );
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count); `None` when empty.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
     }
 }
