@@ -45,6 +45,7 @@ impl Drained {
             broker_us: self.broker_us,
             target_us: None,
             steal_pct: self.steal_pct,
+            beside: None,
         }
     }
 }
@@ -100,6 +101,18 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
         ));
     }
     Ok(())
+}
+
+/// msg/s of bare receivers draining `queues` queues as hot-potato connects (TCP_NODELAY, a
+/// connection each): the reference a throughput row is also read against, measured just
+/// before it.
+pub async fn bare_beside(s: &Settings, mgmt: &Management, queues: usize) -> Result<f64> {
+    let drained = ceiling(s, mgmt, true, queues).await?;
+    println!(
+        "  bare drain just before, {queues} queue(s): {:.0} msg/s",
+        drained.rate
+    );
+    Ok(drained.rate)
 }
 
 /// A bare receiver on `queue`: credit topped up automatically, settled by hand.

@@ -30,6 +30,10 @@
 //! - `BENCH_CASES`: a comma-separated subset of the throughput rows by label
 //!   (`single-mif1`, `single-mif16`, `single-mif32`, `single-defaults-mif32`,
 //!   `single-batched`, `eight-mif1`, `eight-mif16`).
+//! - `BENCH_BESIDE` (1; `0` skips): each throughput row is preceded by a bare drain of as many
+//!   queues (TCP_NODELAY, a connection each), and the table also reads the row against it: on
+//!   two shared cores the machine's speed drifts within a round, and this reference is the one
+//!   measured nearest in time.
 //! - `BENCH_DAEMON_<NAME>=<value>`: every daemon runs with `<NAME>=<value>`, e.g.
 //!   `BENCH_DAEMON_TOKIO_WORKER_THREADS=1`.
 //! - `BENCH_CLK_TCK` (100): clock ticks per second of /proc/PID/stat (`getconf CLK_TCK`).
@@ -201,9 +205,10 @@ async fn main() -> ExitCode {
         "The RabbitMQ broker, the HTTP target (in this process) and the publisher run on the same machine beside the daemon, and share its CPUs."
     );
     println!(
-        "Settings: BENCH_MESSAGES={} BENCH_ROUNDS={} BENCH_PREFETCH={} BENCH_LATENCY_RATE={} BENCH_LATENCY_SECS={} BENCH_SCALE={} BENCH_SCALE_ENROLLMENTS={} BENCH_SCALE_POOL={} BENCH_SCALE_POOLED_ENROLLMENTS={} BENCH_SCALE_POOLED_POOL={} BENCH_SCALE_POOLED_LINKS={} BENCH_CLK_TCK={}; daemon {}; queues bench-{}-*",
+        "Settings: BENCH_MESSAGES={} BENCH_ROUNDS={} BENCH_BESIDE={} BENCH_PREFETCH={} BENCH_LATENCY_RATE={} BENCH_LATENCY_SECS={} BENCH_SCALE={} BENCH_SCALE_ENROLLMENTS={} BENCH_SCALE_POOL={} BENCH_SCALE_POOLED_ENROLLMENTS={} BENCH_SCALE_POOLED_POOL={} BENCH_SCALE_POOLED_LINKS={} BENCH_CLK_TCK={}; daemon {}; queues bench-{}-*",
         settings.messages,
         settings.rounds,
+        u8::from(settings.beside),
         settings.prefetch,
         settings.latency_rate,
         settings.latency_secs,

@@ -24,6 +24,8 @@ pub struct Row {
     pub target_us: Option<f64>,
     /// The hypervisor's share of the machine's CPU time over the same drain.
     pub steal_pct: Option<f64>,
+    /// msg/s of the bare drain of as many queues run just before this row (`BENCH_BESIDE`).
+    pub beside: Option<f64>,
 }
 
 /// What one daemon scenario measured.
@@ -34,6 +36,8 @@ pub struct Measured {
     pub broker_us: Option<f64>,
     pub target_us: Option<f64>,
     pub steal_pct: Option<f64>,
+    /// msg/s of the bare drain run just before it, when there was one.
+    pub beside: Option<f64>,
 }
 
 #[derive(Default)]
@@ -83,6 +87,7 @@ impl Report {
                 broker_us: m.broker_us,
                 target_us: m.target_us,
                 steal_pct: m.steal_pct,
+                beside: m.beside,
             }),
             Err(e) => self.fail(&name, e),
         }
@@ -146,11 +151,20 @@ impl Report {
         } else {
             ""
         };
+        let any_beside = self.rows.iter().any(|r| r.beside.is_some());
+        let (beside_head, beside_align) = if any_beside {
+            (
+                " ratio to the bare drain just before (each round) |",
+                "---|",
+            )
+        } else {
+            ("", "")
+        };
         println!(
-            "| scenario | msg/s | ratio to ceiling |{per_round} broker µs/msg | daemon (or receiver) µs/msg | target µs/msg | peak RSS MiB | CPU steal % |"
+            "| scenario | msg/s | ratio to ceiling |{per_round}{beside_head} broker µs/msg | daemon (or receiver) µs/msg | target µs/msg | peak RSS MiB | CPU steal % |"
         );
         let align = if rounds > 1 { "---|" } else { "" };
-        println!("|---|---:|---:|{align}---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|{align}{beside_align}---:|---:|---:|---:|---:|");
         let us = |v: Option<f64>| v.map_or("—".into(), |v| format!("{v:.1}"));
         for name in names {
             let rows: Vec<&Row> = self.rows.iter().filter(|r| r.name == name).collect();
@@ -168,6 +182,20 @@ impl Report {
             } else {
                 String::new()
             };
+            let beside = if any_beside {
+                let ratios: Vec<f64> = rows
+                    .iter()
+                    .filter_map(|r| r.beside.map(|b| r.rate / b))
+                    .collect();
+                let list: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+                match median(ratios) {
+                    Some(m) if list.len() > 1 => format!(" {m:.2} ({}) |", list.join(", ")),
+                    Some(m) => format!(" {m:.2} |"),
+                    None => " — |".to_string(),
+                }
+            } else {
+                String::new()
+            };
             // CPU s per 10k messages is 100 µs per message per unit.
             let cpu = us(pick(|r| r.cpu_per_10k.map(|c| c * 100.0)));
             let rss = rows
@@ -176,7 +204,7 @@ impl Report {
                 .reduce(f64::max)
                 .map_or("—".into(), |r| format!("{r:.1}"));
             println!(
-                "| {name} | {rate:.0} | {ratio} |{each} {} | {cpu} | {} | {rss} | {} |",
+                "| {name} | {rate:.0} | {ratio} |{each}{beside} {} | {cpu} | {} | {rss} | {} |",
                 us(pick(|r| r.broker_us)),
                 us(pick(|r| r.target_us)),
                 us(pick(|r| r.steal_pct))
@@ -189,8 +217,13 @@ impl Report {
         } else {
             String::new()
         };
+        let beside_note = if any_beside {
+            " The ratio to the bare drain just before reads each hot-potato row against bare receivers draining as many queues (TCP_NODELAY, a connection each) right before it, so both see the machine at nearly the same moment."
+        } else {
+            ""
+        };
         println!(
-            "\nThe ceiling is the faster of the two single-queue bare receivers (recv + accept per message; they differ only in TCP_NODELAY); the many-queue bare row, when there, drains as many queues as the rows of several enrollments, a connection each; their CPU is the bench process's. hot-potato times run from `POST /enroll` to the target's Nth request, and each queue was then checked empty through the management API.{medians}\n"
+            "\nThe ceiling is the faster of the two single-queue bare receivers (recv + accept per message; they differ only in TCP_NODELAY); the many-queue bare row, when there, drains as many queues as the rows of several enrollments, a connection each; their CPU is the bench process's. hot-potato times run from `POST /enroll` to the target's Nth request, and each queue was then checked empty through the management API.{medians}{beside_note}\n"
         );
     }
 }

@@ -46,6 +46,9 @@ pub struct Settings {
     pub cases: Vec<String>,
     /// How many times the ceiling and the throughput rows run (`BENCH_ROUNDS`).
     pub rounds: usize,
+    /// Whether each throughput row is preceded by a bare drain of as many queues
+    /// (`BENCH_BESIDE`, 1 by default).
+    pub beside: bool,
 }
 
 fn env_parse<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
@@ -103,6 +106,7 @@ impl Settings {
                 .filter(|w| !w.is_empty())
                 .collect(),
             rounds: env_parse("BENCH_ROUNDS", 3)?,
+            beside: env_parse::<u8>("BENCH_BESIDE", 1)? != 0,
         };
         if let Some(unknown) = s.only.iter().find(|w| !SCENARIOS.contains(&w.as_str())) {
             bail!(

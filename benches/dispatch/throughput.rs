@@ -1,5 +1,6 @@
 //! Throughput: hot-potato draining preloaded quorum queues into a target that answers 200 at
-//! once, timed from the first `POST /enroll` to the target's Nth request.
+//! once, timed from the first `POST /enroll` to the target's Nth request. Each row is preceded
+//! by a bare drain of as many queues (`BENCH_BESIDE`), its nearest reference in time.
 
 use std::time::Instant;
 
@@ -8,6 +9,7 @@ use hot_potato_testkit::management::Management;
 use hot_potato_testkit::target::Target;
 
 use crate::DEPTH_LIMIT;
+use crate::ceiling::bare_beside;
 use crate::load::preload;
 use crate::process::{Daemon, drain_limit, wait_goal};
 use crate::procstat::{Steal, broker_pid, cpu_ticks, mib};
@@ -101,6 +103,19 @@ async fn throughput(
     queues: usize,
     setup: Setup,
 ) -> Result<Measured> {
+    let beside = if s.beside {
+        match bare_beside(s, mgmt, queues).await {
+            Ok(rate) => Some(rate),
+            Err(e) => {
+                report
+                    .notes
+                    .push(format!("{label}: the bare drain just before failed: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
     let names: Vec<String> = (0..queues)
         .map(|i| s.queue(&format!("{label}-{i}")))
         .collect();
@@ -174,5 +189,6 @@ async fn throughput(
         broker_us: broker_secs.map(per_message_us),
         target_us: Some(per_message_us(target_secs)),
         steal_pct,
+        beside,
     })
 }
