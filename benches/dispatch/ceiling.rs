@@ -59,9 +59,9 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
         "\n== ceiling: bare fe2o3-amqp receiver, {} msgs, credit {}",
         s.messages, s.prefetch
     );
-    let open = ceiling(s, mgmt, false, 1).await.context("ceiling")?;
+    let open = bare_drain(s, mgmt, false, 1).await.context("ceiling")?;
     println!("  Connection::open: {:.0} msg/s", open.rate);
-    let nodelay = ceiling(s, mgmt, true, 1)
+    let nodelay = bare_drain(s, mgmt, true, 1)
         .await
         .context("ceiling, TCP_NODELAY")?;
     println!(
@@ -85,7 +85,7 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
         round,
     ));
     if let Some(queues) = wanted_many_queues(s) {
-        let many = ceiling(s, mgmt, true, queues)
+        let many = bare_drain(s, mgmt, true, queues)
             .await
             .with_context(|| format!("ceiling, {queues} queues"))?;
         println!(
@@ -107,7 +107,7 @@ pub async fn run(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
 /// connection each): the reference a throughput row is also read against, measured just
 /// before it.
 pub async fn bare_beside(s: &Settings, mgmt: &Management, queues: usize) -> Result<f64> {
-    let drained = ceiling(s, mgmt, true, queues).await?;
+    let drained = bare_drain(s, mgmt, true, queues).await?;
     println!(
         "  bare drain just before, {queues} queue(s): {:.0} msg/s",
         drained.rate
@@ -158,7 +158,12 @@ async fn open_nodelay(
 /// The bare receiver: `recv` + `accept` per message, credit `BENCH_PREFETCH`, on each of
 /// `queues` queues of `BENCH_MESSAGES` at once, a connection each. `nodelay` opens the
 /// connections as hot-potato does instead of with `Connection::open`.
-async fn ceiling(s: &Settings, mgmt: &Management, nodelay: bool, queues: usize) -> Result<Drained> {
+async fn bare_drain(
+    s: &Settings,
+    mgmt: &Management,
+    nodelay: bool,
+    queues: usize,
+) -> Result<Drained> {
     let names: Vec<String> = (0..queues)
         .map(|i| {
             let base = if nodelay {

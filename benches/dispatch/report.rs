@@ -177,8 +177,7 @@ impl Report {
             let rate = pick(|r| Some(r.rate)).unwrap_or(f64::NAN);
             let ratio = median(ratios.clone()).map_or("—".into(), |r| format!("{r:.2}"));
             let each = if rounds > 1 {
-                let list: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-                format!(" {} |", list.join(", "))
+                format!(" {} |", two_places(&ratios))
             } else {
                 String::new()
             };
@@ -187,9 +186,9 @@ impl Report {
                     .iter()
                     .filter_map(|r| r.beside.map(|b| r.rate / b))
                     .collect();
-                let list: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+                let (each, several) = (two_places(&ratios), ratios.len() > 1);
                 match median(ratios) {
-                    Some(m) if list.len() > 1 => format!(" {m:.2} ({}) |", list.join(", ")),
+                    Some(m) if several => format!(" {m:.2} ({each}) |"),
                     Some(m) => format!(" {m:.2} |"),
                     None => " — |".to_string(),
                 }
@@ -226,6 +225,12 @@ impl Report {
             "\nThe ceiling is the faster of the two single-queue bare receivers (recv + accept per message; they differ only in TCP_NODELAY); the many-queue bare row, when there, drains as many queues as the rows of several enrollments, a connection each; their CPU is the bench process's. hot-potato times run from `POST /enroll` to the target's Nth request, and each queue was then checked empty through the management API.{medians}{beside_note}\n"
         );
     }
+}
+
+/// Ratios as the table prints them, comma-separated.
+fn two_places(ratios: &[f64]) -> String {
+    let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    each.join(", ")
 }
 
 /// The middle value (the mean of the two middle ones for an even count); `None` when empty.
