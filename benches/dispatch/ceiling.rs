@@ -17,8 +17,8 @@ use tokio::task::JoinSet;
 use crate::DEPTH_LIMIT;
 use crate::load::preload;
 use crate::process::drain_limit;
-use crate::procstat::{Steal, broker_pid, cpu_ticks};
-use crate::report::{Report, Row};
+use crate::procstat::{Steal, broker_pid, costs_since, cpu_ticks, usage};
+use crate::report::{ProcessCosts, Report, Row};
 use crate::settings::Settings;
 use crate::throughput::wanted_many_queues;
 
@@ -32,6 +32,7 @@ struct Drained {
     cpu_per_10k: f64,
     broker_us: Option<f64>,
     steal_pct: Option<f64>,
+    costs: ProcessCosts,
 }
 
 impl Drained {
@@ -46,6 +47,7 @@ impl Drained {
             target_us: None,
             steal_pct: self.steal_pct,
             beside: None,
+            costs: self.costs,
         }
     }
 }
@@ -187,7 +189,9 @@ async fn bare_drain(
 
     let broker = broker_pid();
     let broker0 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
+    let broker_usage0 = usage(broker.as_deref());
     let ticks0 = cpu_ticks("self")?;
+    let receiver_usage0 = usage(Some("self"));
     let steal = Steal::start();
     let started = Instant::now();
     let mut drains = JoinSet::new();
@@ -225,6 +229,11 @@ async fn bare_drain(
     let broker_us = broker0
         .zip(broker1)
         .map(|(a, b)| s.cpu_secs(b - a) / total as f64 * 1e6);
+    let costs = ProcessCosts {
+        broker: costs_since(broker.as_deref(), broker_usage0, total),
+        daemon: costs_since(Some("self"), receiver_usage0, total),
+        target: None,
+    };
     mgmt.wait_depths(&names, 0, DEPTH_LIMIT).await?;
     mgmt.delete_queues(names).await?;
     Ok(Drained {
@@ -232,6 +241,7 @@ async fn bare_drain(
         cpu_per_10k: cpu / total as f64 * 10_000.0,
         broker_us,
         steal_pct,
+        costs,
     })
 }
 

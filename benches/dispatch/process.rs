@@ -123,6 +123,10 @@ impl Daemon {
         Ok(())
     }
 
+    pub fn pid(&self) -> &str {
+        &self.pid
+    }
+
     pub fn cpu_ticks(&self) -> Result<u64> {
         procstat::cpu_ticks(&self.pid)
     }

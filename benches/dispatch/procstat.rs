@@ -8,6 +8,12 @@ fn read_proc(path: &str) -> Result<String> {
 
 /// utime + stime of a process (`self` for this one), in clock ticks.
 pub fn cpu_ticks(pid: &str) -> Result<u64> {
+    let (utime, stime) = user_and_system(pid)?;
+    Ok(utime + stime)
+}
+
+/// (utime, stime) of a process, in clock ticks.
+fn user_and_system(pid: &str) -> Result<(u64, u64)> {
     let stat = read_proc(&format!("/proc/{pid}/stat"))?;
     // The command name is in parentheses and may contain spaces: fields restart after ')'.
     let rest = stat
@@ -24,11 +30,81 @@ pub fn cpu_ticks(pid: &str) -> Result<u64> {
         .get(12)
         .and_then(|v| v.parse().ok())
         .context("stime")?;
-    Ok(utime + stime)
+    Ok((utime, stime))
 }
 
-/// The number of a `Field: N kB` line.
-fn kb_line(text: &str, field: &str) -> Option<u64> {
+/// What a process has used so far: CPU ticks in user and in kernel mode, and the context
+/// switches of its threads. Read before and after a drain, it says where that process's CPU
+/// went: on loopback, much of it goes to the kernel's socket path and to sleeping and waking.
+#[derive(Clone, Copy)]
+pub struct Usage {
+    user: u64,
+    system: u64,
+    /// Voluntary and involuntary, summed over /proc/PID/task/*/status; `None` when unreadable.
+    switches: Option<u64>,
+}
+
+impl Usage {
+    fn of(pid: &str) -> Result<Self> {
+        let (user, system) = user_and_system(pid)?;
+        Ok(Self {
+            user,
+            system,
+            switches: context_switches(pid),
+        })
+    }
+
+    /// The kernel's share of the CPU used since `earlier`, and context switches per message;
+    /// `None` when nothing was used. A thread that ended meanwhile took its switches with it.
+    pub fn costs_since(&self, earlier: &Self, messages: u64) -> Option<Costs> {
+        let user = self.user.saturating_sub(earlier.user);
+        let system = self.system.saturating_sub(earlier.system);
+        let ticks = user + system;
+        (ticks > 0 && messages > 0).then(|| Costs {
+            kernel_pct: system as f64 / ticks as f64 * 100.0,
+            switches_per_msg: self
+                .switches
+                .zip(earlier.switches)
+                .map(|(now, then)| now.saturating_sub(then) as f64 / messages as f64),
+        })
+    }
+}
+
+/// `pid`'s [`Usage`] so far, when there is a pid and its /proc entry can be read.
+pub fn usage(pid: Option<&str>) -> Option<Usage> {
+    Usage::of(pid?).ok()
+}
+
+/// Where `pid`'s CPU went since `earlier` (see [`Usage::costs_since`]).
+pub fn costs_since(pid: Option<&str>, earlier: Option<Usage>, messages: u64) -> Option<Costs> {
+    usage(pid)?.costs_since(&earlier?, messages)
+}
+
+/// Where one process's CPU went over a drain (see [`Usage`]).
+#[derive(Clone, Copy)]
+pub struct Costs {
+    pub kernel_pct: f64,
+    pub switches_per_msg: Option<f64>,
+}
+
+/// Context switches of every thread of `pid` so far.
+fn context_switches(pid: &str) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0;
+    for task in tasks.flatten() {
+        // A thread may end between the listing and the read: it counts as none.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        for field in ["voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"] {
+            total += number_line(&status, field).unwrap_or(0);
+        }
+    }
+    Some(total)
+}
+
+/// The number of a `Field: N` or `Field: N kB` line.
+fn number_line(text: &str, field: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
@@ -37,7 +113,7 @@ fn kb_line(text: &str, field: &str) -> Option<u64> {
 /// A `kB` line of /proc/PID/status (VmHWM, VmRSS), in kB.
 pub fn status_kb(pid: &str, field: &str) -> Result<u64> {
     let status = read_proc(&format!("/proc/{pid}/status"))?;
-    kb_line(&status, field).ok_or_else(|| anyhow!("no {field} in /proc/{pid}/status"))
+    number_line(&status, field).ok_or_else(|| anyhow!("no {field} in /proc/{pid}/status"))
 }
 
 /// The share of the machine's CPU time the hypervisor took (steal) between `start` and now,
@@ -120,7 +196,7 @@ pub fn machine() -> String {
         .unwrap_or_else(|| "unknown CPU".into());
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem = kb_line(&meminfo, "MemTotal").map_or("?".into(), |kb| {
+    let mem = number_line(&meminfo, "MemTotal").map_or("?".into(), |kb| {
         format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0)
     });
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();

@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use crate::load::BODY_LEN;
 use crate::process::Daemon;
-use crate::procstat::machine;
+use crate::procstat::{Costs, machine};
 use crate::settings::Settings;
 
 /// One measurement behind a line of the results table: a row is measured once per round.
@@ -26,6 +26,16 @@ pub struct Row {
     pub steal_pct: Option<f64>,
     /// msg/s of the bare drain of as many queues run just before this row (`BENCH_BESIDE`).
     pub beside: Option<f64>,
+    pub costs: ProcessCosts,
+}
+
+/// Where each process's CPU went over one drain: kernel share and context switches per
+/// message, for the broker, the daemon (or bare receiver) and the target.
+#[derive(Clone, Copy, Default)]
+pub struct ProcessCosts {
+    pub broker: Option<Costs>,
+    pub daemon: Option<Costs>,
+    pub target: Option<Costs>,
 }
 
 /// What one daemon scenario measured.
@@ -38,6 +48,7 @@ pub struct Measured {
     pub steal_pct: Option<f64>,
     /// msg/s of the bare drain run just before it, when there was one.
     pub beside: Option<f64>,
+    pub costs: ProcessCosts,
 }
 
 #[derive(Default)]
@@ -88,6 +99,7 @@ impl Report {
                 target_us: m.target_us,
                 steal_pct: m.steal_pct,
                 beside: m.beside,
+                costs: m.costs,
             }),
             Err(e) => self.fail(&name, e),
         }
@@ -108,6 +120,7 @@ impl Report {
         );
         if !self.rows.is_empty() {
             self.print_table();
+            self.print_costs();
         }
         for line in &self.lines {
             println!("- {line}");
@@ -223,6 +236,44 @@ impl Report {
         };
         println!(
             "\nThe ceiling is the faster of the two single-queue bare receivers (recv + accept per message; they differ only in TCP_NODELAY); the many-queue bare row, when there, drains as many queues as the rows of several enrollments, a connection each; their CPU is the bench process's. hot-potato times run from `POST /enroll` to the target's Nth request, and each queue was then checked empty through the management API.{medians}{beside_note}\n"
+        );
+    }
+
+    /// A second table, one line per row name (medians over the rounds): how much of each
+    /// process's CPU the kernel took and how often its threads slept and woke per message.
+    /// Both grow with every separate write on loopback, which is what bounds the rows that
+    /// miss their targets (see the README).
+    fn print_costs(&self) {
+        let mut names: Vec<&str> = Vec::new();
+        for row in &self.rows {
+            if !names.contains(&row.name.as_str()) {
+                names.push(&row.name);
+            }
+        }
+        println!(
+            "| scenario | broker kernel % | broker switches/msg | daemon (or receiver) kernel % | daemon (or receiver) switches/msg | target kernel % | target switches/msg |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        let shown =
+            |v: Option<f64>, places: usize| v.map_or("—".into(), |v| format!("{v:.places$}"));
+        for name in names {
+            let rows: Vec<&Row> = self.rows.iter().filter(|r| r.name == name).collect();
+            let mut cells = Vec::new();
+            for process in [
+                |c: &ProcessCosts| c.broker,
+                |c: &ProcessCosts| c.daemon,
+                |c: &ProcessCosts| c.target,
+            ] {
+                let costs: Vec<Costs> = rows.iter().filter_map(|r| process(&r.costs)).collect();
+                let kernel = median(costs.iter().map(|c| c.kernel_pct).collect());
+                let switches = median(costs.iter().filter_map(|c| c.switches_per_msg).collect());
+                cells.push(shown(kernel, 0));
+                cells.push(shown(switches, 2));
+            }
+            println!("| {name} | {} |", cells.join(" | "));
+        }
+        println!(
+            "\nKernel % is stime / (utime + stime) of each process over the drain (/proc/PID/stat); switches/msg are its threads' voluntary and involuntary context switches (/proc/PID/task/*/status) per message. The target's and the bare receiver's figures are the bench process's. On loopback the sender's `write` also runs the receiver's TCP input and wakes it, so each separate POST, answer or frame costs both sides kernel time.\n"
         );
     }
 }

@@ -12,8 +12,8 @@ use crate::DEPTH_LIMIT;
 use crate::ceiling::bare_beside;
 use crate::load::preload;
 use crate::process::{Daemon, drain_limit, wait_goal};
-use crate::procstat::{Steal, broker_pid, cpu_ticks, mib};
-use crate::report::{Measured, Report};
+use crate::procstat::{Steal, broker_pid, costs_since, cpu_ticks, mib, usage};
+use crate::report::{Measured, ProcessCosts, Report};
 use crate::settings::Settings;
 
 /// How an enrollment of a row is set up.
@@ -130,10 +130,13 @@ async fn throughput(
     let mut daemon = Daemon::start(s, label).await?;
     let broker = broker_pid();
     let broker0 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
+    let broker_usage0 = usage(broker.as_deref());
 
     let ticks0 = daemon.cpu_ticks()?;
+    let daemon_usage0 = usage(Some(daemon.pid()));
     // The target runs in this process: its CPU is this process's while the daemon drains.
     let target0 = cpu_ticks("self")?;
+    let target_usage0 = usage(Some("self"));
     let steal = Steal::start();
     let started = Instant::now();
     for name in &names {
@@ -147,6 +150,11 @@ async fn throughput(
     let target1 = cpu_ticks("self")?;
     let broker1 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
     let steal_pct = steal.pct();
+    let costs = ProcessCosts {
+        broker: costs_since(broker.as_deref(), broker_usage0, total),
+        daemon: costs_since(Some(daemon.pid()), daemon_usage0, total),
+        target: costs_since(Some("self"), target_usage0, total),
+    };
     let elapsed = done.duration_since(started).as_secs_f64();
     let peak = daemon.peak_rss_kb()?;
     mgmt.wait_depths(&names, 0, DEPTH_LIMIT).await?;
@@ -190,5 +198,6 @@ async fn throughput(
         target_us: Some(per_message_us(target_secs)),
         steal_pct,
         beside,
+        costs,
     })
 }
