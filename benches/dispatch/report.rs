@@ -153,12 +153,7 @@ impl Report {
     /// ceiling, since on two shared cores the ceiling itself moves by a third between rounds.
     fn print_table(&self) {
         let rounds = self.ceilings.len().max(1);
-        let mut names: Vec<&str> = Vec::new();
-        for row in &self.rows {
-            if !names.contains(&row.name.as_str()) {
-                names.push(&row.name);
-            }
-        }
+        let names = self.row_names();
         let per_round = if rounds > 1 {
             " ratio in each round |"
         } else {
@@ -239,17 +234,23 @@ impl Report {
         );
     }
 
-    /// A second table, one line per row name (medians over the rounds): how much of each
-    /// process's CPU the kernel took and how often its threads slept and woke per message.
-    /// Both grow with every separate write on loopback, which is what bounds the rows that
-    /// miss their targets (see the README).
-    fn print_costs(&self) {
+    /// The rows' names, each once, in the order they first ran.
+    fn row_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = Vec::new();
         for row in &self.rows {
             if !names.contains(&row.name.as_str()) {
                 names.push(&row.name);
             }
         }
+        names
+    }
+
+    /// A second table, one line per row name (medians over the rounds): how much of each
+    /// process's CPU the kernel took and how often its threads slept and woke per message.
+    /// Both grow with every separate write on loopback, which is what bounds the rows that
+    /// miss their targets (see the README).
+    fn print_costs(&self) {
+        let names = self.row_names();
         println!(
             "| scenario | broker kernel % | broker switches/msg | daemon (or receiver) kernel % | daemon (or receiver) switches/msg | target kernel % | target switches/msg |"
         );
