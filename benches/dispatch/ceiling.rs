@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use crate::DEPTH_LIMIT;
 use crate::load::preload;
 use crate::process::drain_limit;
-use crate::procstat::{Steal, broker_pid, costs_since, cpu_ticks, usage};
+use crate::procstat::{Steal, Usage, broker_pid};
 use crate::report::{ProcessCosts, Report, Row};
 use crate::settings::Settings;
 use crate::throughput::wanted_many_queues;
@@ -188,10 +188,8 @@ async fn bare_drain(
     let total = s.messages * queues as u64;
 
     let broker = broker_pid();
-    let broker0 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
-    let broker_usage0 = usage(broker.as_deref());
-    let ticks0 = cpu_ticks("self")?;
-    let receiver_usage0 = usage(Some("self"));
+    let broker0 = broker.as_deref().and_then(|p| Usage::of(p).ok());
+    let receiver0 = Usage::of("self")?;
     let steal = Steal::start();
     let started = Instant::now();
     let mut drains = JoinSet::new();
@@ -223,15 +221,16 @@ async fn bare_drain(
             drain_limit(total)
         )
     })??;
-    let cpu = s.cpu_secs(cpu_ticks("self")? - ticks0);
+    let receiver1 = Usage::of("self")?;
     let steal_pct = steal.pct();
-    let broker1 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
-    let broker_us = broker0
-        .zip(broker1)
-        .map(|(a, b)| s.cpu_secs(b - a) / total as f64 * 1e6);
+    let broker1 = broker.as_deref().and_then(|p| Usage::of(p).ok());
+    let broker_both = broker0.zip(broker1);
+    let cpu = s.cpu_secs(receiver1.ticks_since(&receiver0));
+    let broker_us =
+        broker_both.map(|(b0, b1)| s.cpu_secs(b1.ticks_since(&b0)) / total as f64 * 1e6);
     let costs = ProcessCosts {
-        broker: costs_since(broker.as_deref(), broker_usage0, total),
-        daemon: costs_since(Some("self"), receiver_usage0, total),
+        broker: broker_both.and_then(|(b0, b1)| b1.costs_since(&b0, total)),
+        daemon: receiver1.costs_since(&receiver0, total),
         target: None,
     };
     mgmt.wait_depths(&names, 0, DEPTH_LIMIT).await?;

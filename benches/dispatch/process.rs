@@ -123,8 +123,8 @@ impl Daemon {
         Ok(())
     }
 
-    pub fn pid(&self) -> &str {
-        &self.pid
+    pub fn usage(&self) -> Result<procstat::Usage> {
+        procstat::Usage::of(&self.pid)
     }
 
     pub fn cpu_ticks(&self) -> Result<u64> {

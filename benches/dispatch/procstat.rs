@@ -45,13 +45,18 @@ pub struct Usage {
 }
 
 impl Usage {
-    fn of(pid: &str) -> Result<Self> {
+    pub fn of(pid: &str) -> Result<Self> {
         let (user, system) = user_and_system(pid)?;
         Ok(Self {
             user,
             system,
             switches: context_switches(pid),
         })
+    }
+
+    /// CPU ticks (user + kernel) used since `earlier`.
+    pub fn ticks_since(&self, earlier: &Self) -> u64 {
+        (self.user + self.system).saturating_sub(earlier.user + earlier.system)
     }
 
     /// The kernel's share of the CPU used since `earlier`, and context switches per message;
@@ -68,16 +73,6 @@ impl Usage {
                 .map(|(now, then)| now.saturating_sub(then) as f64 / messages as f64),
         })
     }
-}
-
-/// `pid`'s [`Usage`] so far, when there is a pid and its /proc entry can be read.
-pub fn usage(pid: Option<&str>) -> Option<Usage> {
-    Usage::of(pid?).ok()
-}
-
-/// Where `pid`'s CPU went since `earlier` (see [`Usage::costs_since`]).
-pub fn costs_since(pid: Option<&str>, earlier: Option<Usage>, messages: u64) -> Option<Costs> {
-    usage(pid)?.costs_since(&earlier?, messages)
 }
 
 /// Where one process's CPU went over a drain (see [`Usage`]).

@@ -12,7 +12,7 @@ use crate::DEPTH_LIMIT;
 use crate::ceiling::bare_beside;
 use crate::load::preload;
 use crate::process::{Daemon, drain_limit, wait_goal};
-use crate::procstat::{Steal, broker_pid, costs_since, cpu_ticks, mib, usage};
+use crate::procstat::{Steal, Usage, broker_pid, mib};
 use crate::report::{Measured, ProcessCosts, Report};
 use crate::settings::Settings;
 
@@ -129,14 +129,10 @@ async fn throughput(
     target.reset(total as usize);
     let mut daemon = Daemon::start(s, label).await?;
     let broker = broker_pid();
-    let broker0 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
-    let broker_usage0 = usage(broker.as_deref());
-
-    let ticks0 = daemon.cpu_ticks()?;
-    let daemon_usage0 = usage(Some(daemon.pid()));
+    let broker0 = broker.as_deref().and_then(|p| Usage::of(p).ok());
+    let daemon0 = daemon.usage()?;
     // The target runs in this process: its CPU is this process's while the daemon drains.
-    let target0 = cpu_ticks("self")?;
-    let target_usage0 = usage(Some("self"));
+    let target0 = Usage::of("self")?;
     let steal = Steal::start();
     let started = Instant::now();
     for name in &names {
@@ -146,14 +142,15 @@ async fn throughput(
             .await?;
     }
     let done = wait_goal(&mut daemon, &target, total, drain_limit(total)).await?;
-    let ticks1 = daemon.cpu_ticks()?;
-    let target1 = cpu_ticks("self")?;
-    let broker1 = broker.as_deref().and_then(|p| cpu_ticks(p).ok());
+    let daemon1 = daemon.usage()?;
+    let target1 = Usage::of("self")?;
+    let broker1 = broker.as_deref().and_then(|p| Usage::of(p).ok());
     let steal_pct = steal.pct();
+    let broker_both = broker0.zip(broker1);
     let costs = ProcessCosts {
-        broker: costs_since(broker.as_deref(), broker_usage0, total),
-        daemon: costs_since(Some(daemon.pid()), daemon_usage0, total),
-        target: costs_since(Some("self"), target_usage0, total),
+        broker: broker_both.and_then(|(b0, b1)| b1.costs_since(&b0, total)),
+        daemon: daemon1.costs_since(&daemon0, total),
+        target: target1.costs_since(&target0, total),
     };
     let elapsed = done.duration_since(started).as_secs_f64();
     let peak = daemon.peak_rss_kb()?;
@@ -177,13 +174,10 @@ async fn throughput(
     daemon.stop().await?;
     mgmt.delete_queues(names).await?;
 
-    let cpu = s.cpu_secs(ticks1 - ticks0);
-    let broker_secs = match (broker0, broker1) {
-        (Some(a), Some(b)) => Some(s.cpu_secs(b - a)),
-        _ => None,
-    };
+    let cpu = s.cpu_secs(daemon1.ticks_since(&daemon0));
+    let broker_secs = broker_both.map(|(b0, b1)| s.cpu_secs(b1.ticks_since(&b0)));
     let broker_cpu = broker_secs.map_or(String::new(), |b| format!(", broker {b:.2} CPU s"));
-    let target_secs = s.cpu_secs(target1 - target0);
+    let target_secs = s.cpu_secs(target1.ticks_since(&target0));
     println!(
         "  {total} messages in {elapsed:.2} s: {:.0} msg/s; daemon {cpu:.2} CPU s{broker_cpu}, peak RSS {:.1} MiB",
         total as f64 / elapsed,
