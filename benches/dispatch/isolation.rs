@@ -55,7 +55,7 @@ async fn isolation(s: &Settings, mgmt: &Management, report: &mut Report) -> Resu
     mgmt.wait_depths(&[alone_q.clone(), beside_q.clone()], n, DEPTH_LIMIT)
         .await?;
     mgmt.wait_depth(&hang_q, HANG_MESSAGES, DEPTH_LIMIT).await?;
-    let target = Target::counting(false).await?;
+    let target = Target::counting_on(s.target_runtime(), false).await?;
     let hanging = HangingTarget::start().await?;
 
     // Alone.

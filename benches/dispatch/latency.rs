@@ -46,7 +46,7 @@ async fn latency(s: &Settings, mgmt: &Management, report: &mut Report) -> Result
     let floor_queue = s.queue("latency-floor");
     mgmt.declare_quorum(&queue).await?;
     mgmt.declare_quorum(&floor_queue).await?;
-    let target = Target::counting(true).await?;
+    let target = Target::counting_on(s.target_runtime(), true).await?;
     let total = s.latency_rate * s.latency_secs;
     target.reset(total as usize);
     let mut daemon = Daemon::start(s, "latency").await?;

@@ -7,8 +7,8 @@
 //!
 //! The daemon runs as a child process (`target/release/hot-potato`, under `CARGO_TARGET_DIR`
 //! when that is set, or `HOT_POTATO_BIN`), one fresh process per scenario, with a cleared environment, its own SQLite file and a free
-//! API port. The HTTP target (axum, answers 200 at once), the publisher and the broker run on
-//! the same machine.
+//! API port. The HTTP target (axum, answers 200 at once, on a thread of its own), the publisher
+//! and the broker run on the same machine.
 //!
 //! Settings (environment):
 //! - `BENCH_MESSAGES` (50000): messages per queue in the throughput scenarios.
@@ -34,6 +34,9 @@
 //!   queues (TCP_NODELAY, a connection each), and the table also reads the row against it: on
 //!   two shared cores the machine's speed drifts within a round, and this reference is the one
 //!   measured nearest in time.
+//! - `BENCH_TARGET_THREAD` (1; `0` turns it off): the HTTP target runs on a current-thread
+//!   runtime in a thread of its own; off, on the benchmark's two-worker runtime, as before
+//!   2026-12-08 (see [`target_thread`]).
 //! - `BENCH_DAEMON_<NAME>=<value>`: every daemon runs with `<NAME>=<value>`, e.g.
 //!   `BENCH_DAEMON_TOKIO_WORKER_THREADS=1`.
 //! - `BENCH_CLK_TCK` (100): clock ticks per second of /proc/PID/stat (`getconf CLK_TCK`).
@@ -47,7 +50,7 @@
 //! # Layout
 //! One file per scenario, each with a `run` that prints its progress and adds to the report:
 //! [`ceiling`], [`throughput`], [`isolation`], [`latency`], [`publish`], [`scale`]. Beside them:
-//! [`settings`] (the variables above), [`process`] (a daemon per scenario, waiting for the
+//! [`settings`] (the variables above), [`target_thread`] (the target's runtime), [`process`] (a daemon per scenario, waiting for the
 //! target's count), [`load`] (preloading queues), [`procstat`] (CPU and memory from /proc) and
 //! [`report`] (the results table). The management API client, the publisher, the HTTP targets,
 //! spawning the daemon and the API client come from the `hot-potato-testkit` crate
@@ -63,6 +66,7 @@ mod publish;
 mod report;
 mod scale;
 mod settings;
+mod target_thread;
 mod throughput;
 
 use std::path::{Path, PathBuf};
@@ -202,13 +206,14 @@ async fn main() -> ExitCode {
     };
     println!("Machine: {}", machine());
     println!(
-        "The RabbitMQ broker, the HTTP target (in this process) and the publisher run on the same machine beside the daemon, and share its CPUs."
+        "The RabbitMQ broker, the HTTP target (in this process, on a thread of its own unless BENCH_TARGET_THREAD=0) and the publisher run on the same machine beside the daemon, and share its CPUs."
     );
     println!(
-        "Settings: BENCH_MESSAGES={} BENCH_ROUNDS={} BENCH_BESIDE={} BENCH_PREFETCH={} BENCH_LATENCY_RATE={} BENCH_LATENCY_SECS={} BENCH_SCALE={} BENCH_SCALE_ENROLLMENTS={} BENCH_SCALE_POOL={} BENCH_SCALE_POOLED_ENROLLMENTS={} BENCH_SCALE_POOLED_POOL={} BENCH_SCALE_POOLED_LINKS={} BENCH_CLK_TCK={}; daemon {}; queues bench-{}-*",
+        "Settings: BENCH_MESSAGES={} BENCH_ROUNDS={} BENCH_BESIDE={} BENCH_TARGET_THREAD={} BENCH_PREFETCH={} BENCH_LATENCY_RATE={} BENCH_LATENCY_SECS={} BENCH_SCALE={} BENCH_SCALE_ENROLLMENTS={} BENCH_SCALE_POOL={} BENCH_SCALE_POOLED_ENROLLMENTS={} BENCH_SCALE_POOLED_POOL={} BENCH_SCALE_POOLED_LINKS={} BENCH_CLK_TCK={}; daemon {}; queues bench-{}-*",
         settings.messages,
         settings.rounds,
         u8::from(settings.beside),
+        u8::from(settings.target_thread.is_some()),
         settings.prefetch,
         settings.latency_rate,
         settings.latency_secs,

@@ -85,7 +85,7 @@ async fn request(s: &Settings, mgmt: &Management, report: &mut Report, n: u64) -
     let replies = s.queue("request-replies");
     mgmt.declare_quorum(&queue).await?;
     mgmt.declare_classic(&replies).await?;
-    let target = hot_potato_testkit::target::Target::counting(false).await?;
+    let target = hot_potato_testkit::target::Target::counting_on(s.target_runtime(), false).await?;
     let daemon = Daemon::start_with(s, "request", &[("REPLY_ADDRESS", address(&replies))]).await?;
     let body = serde_json::json!({"queue": address(&queue), "target_url": target.url(),
         "delivery": {"reply": true, "max_in_flight": CLIENTS}});

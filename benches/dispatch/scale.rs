@@ -143,7 +143,7 @@ async fn scale(s: &Settings, row: Row, mgmt: &Management, report: &mut Report) -
         "  declared {e} classic queues in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let target = Target::counting(false).await?;
+    let target = Target::counting_on(s.target_runtime(), false).await?;
     let extra = if pool > 0 {
         vec![
             ("AMQP_CONNECTION_POOL", pool.to_string()),

@@ -1,10 +1,14 @@
 //! The benchmark's settings, read once from the environment (see the list in `main.rs`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail, ensure};
 use hot_potato_testkit::address;
 use serde_json::{Value as Json, json};
+use tokio::runtime::Handle;
+
+use crate::target_thread::TargetThread;
 
 /// Names `BENCH_ONLY` understands.
 pub const SCENARIOS: [&str; 6] = [
@@ -49,6 +53,9 @@ pub struct Settings {
     /// Whether each throughput row is preceded by a bare drain of as many queues
     /// (`BENCH_BESIDE`, 1 by default).
     pub beside: bool,
+    /// The thread the HTTP targets run on (`BENCH_TARGET_THREAD`, 1 by default), or none: the
+    /// benchmark's own runtime.
+    pub target_thread: Option<Arc<TargetThread>>,
 }
 
 fn env_parse<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
@@ -107,6 +114,11 @@ impl Settings {
                 .collect(),
             rounds: env_parse("BENCH_ROUNDS", 3)?,
             beside: env_parse::<u8>("BENCH_BESIDE", 1)? != 0,
+            target_thread: if env_parse::<u8>("BENCH_TARGET_THREAD", 1)? != 0 {
+                Some(Arc::new(TargetThread::start()?))
+            } else {
+                None
+            },
         };
         if let Some(unknown) = s.only.iter().find(|w| !SCENARIOS.contains(&w.as_str())) {
             bail!(
@@ -155,6 +167,13 @@ impl Settings {
             "subscription_args": {"prefetch": self.prefetch},
             "delivery": {"max_in_flight": max_in_flight},
         })
+    }
+
+    /// The runtime that serves the HTTP targets (see [`TargetThread`]).
+    pub fn target_runtime(&self) -> Handle {
+        self.target_thread
+            .as_ref()
+            .map_or_else(Handle::current, |t| t.handle())
     }
 
     /// CPU seconds in `ticks` clock ticks of /proc/PID/stat.

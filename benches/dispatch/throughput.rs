@@ -124,7 +124,7 @@ async fn throughput(
     }
     preload(s, &names, s.messages).await?;
     mgmt.wait_depths(&names, s.messages, DEPTH_LIMIT).await?;
-    let target = Target::counting(false).await?;
+    let target = Target::counting_on(s.target_runtime(), false).await?;
     let total = s.messages * queues as u64;
     target.reset(total as usize);
     let mut daemon = Daemon::start(s, label).await?;

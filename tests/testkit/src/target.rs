@@ -13,6 +13,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -78,6 +79,8 @@ struct Shared {
 pub struct Target {
     state: Arc<Shared>,
     addr: SocketAddr,
+    /// The runtime the server runs on: the caller's, or one given (see [`Target::counting_on`]).
+    runtime: Handle,
     /// Tells the server to stop gracefully, and its task.
     server: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
@@ -85,17 +88,25 @@ pub struct Target {
 impl Target {
     /// A target that records every request (see [`Target::received`]) and answers 200.
     pub async fn start() -> Result<Self> {
-        Self::bind(true, false).await
+        Self::bind(true, false, Handle::current()).await
     }
 
     /// A target that only counts requests, for runs too long to keep them all; with
     /// `latencies`, it also keeps the delay since the publish time each body carries.
     pub async fn counting(latencies: bool) -> Result<Self> {
-        Self::bind(false, latencies).await
+        Self::bind(false, latencies, Handle::current()).await
     }
 
-    async fn bind(record: bool, latencies: bool) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+    /// [`Target::counting`] served on `runtime`: the benchmark gives it one thread of its own,
+    /// so that the target's connections are not passed between the workers of the runtime that
+    /// publishes and polls.
+    pub async fn counting_on(runtime: Handle, latencies: bool) -> Result<Self> {
+        Self::bind(false, latencies, runtime).await
+    }
+
+    async fn bind(record: bool, latencies: bool, runtime: Handle) -> Result<Self> {
+        // Bound on the runtime that serves it: a socket wakes the runtime it was made on.
+        let listener = runtime.spawn(TcpListener::bind("127.0.0.1:0")).await??;
         let addr = listener.local_addr()?;
         let state = Arc::new(Shared {
             record,
@@ -106,6 +117,7 @@ impl Target {
         let mut target = Self {
             state,
             addr,
+            runtime,
             server: None,
         };
         target.serve(listener);
@@ -117,7 +129,7 @@ impl Target {
         let app = Router::new()
             .fallback(answer)
             .with_state(Arc::clone(&self.state));
-        let handle = tokio::spawn(async move {
+        let handle = self.runtime.spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = rx.await;
@@ -209,11 +221,12 @@ impl Target {
     /// Listens again on the same port (waiting up to 10 s for it to be free).
     pub async fn restart(&mut self) -> Result<()> {
         let addr = self.addr;
+        let runtime = &self.runtime;
         let listener = wait::wait_for(
             "the target port to be free",
             Duration::from_secs(10),
             Duration::from_millis(50),
-            || async move { Ok(TcpListener::bind(addr).await.ok()) },
+            || async move { Ok(runtime.spawn(TcpListener::bind(addr)).await?.ok()) },
         )
         .await?;
         self.serve(listener);
