@@ -50,11 +50,11 @@
 //! # Layout
 //! One file per scenario, each with a `run` that prints its progress and adds to the report:
 //! [`ceiling`], [`throughput`], [`isolation`], [`latency`], [`publish`], [`scale`]. Beside them:
-//! [`settings`] (the variables above), [`target_thread`] (the target's runtime), [`process`] (a daemon per scenario, waiting for the
-//! target's count), [`load`] (preloading queues), [`procstat`] (CPU and memory from /proc) and
-//! [`report`] (the results table). The management API client, the publisher, the HTTP targets,
-//! spawning the daemon and the API client come from the `hot-potato-testkit` crate
-//! (`tests/testkit`), shared with the integration tests.
+//! [`settings`] (the variables above), [`target_thread`] (the targets' runtime), [`process`] (a
+//! daemon per scenario, waiting for the target's count), [`load`] (preloading queues),
+//! [`procstat`] (CPU and memory from /proc) and [`report`] (the results table). The management
+//! API client, the publisher, the HTTP targets, spawning the daemon and the API client come from
+//! the `hot-potato-testkit` crate (`tests/testkit`), shared with the integration tests.
 
 mod ceiling;
 mod isolation;
